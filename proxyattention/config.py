@@ -1,0 +1,240 @@
+"""Structured configs for one trial, registered in Hydra's ConfigStore.
+
+Each group in ``conf/`` (dataset, model, method, proxy, train) fills one of these dataclasses, so a
+misspelt key or a wrong type is an error at composition time. Value ranges and choices that a dataclass
+cannot express are checked by :func:`validate`, before any data is loaded.
+
+No torch here: the launcher imports this module to validate and identify cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from proxyattention.schedule import ScheduleError, parse_schedule
+
+# Every CAM method of pytorch-grad-cam, by the name used in `method=...`.
+CAM_METHODS: tuple[str, ...] = (
+    "gradcam", "gradcampp", "eigengradcam", "eigencam", "xgradcam", "layercam", "hirescam",
+    "scorecam", "ablationcam", "fullgrad", "gradcamelementwise", "kpcacam", "shapleycam",
+    "finercam",
+)
+# Methods with a batched pure-torch implementation (same maps as the library to 1e-4).
+NATIVE_CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "eigengradcam", "hirescam", "xgradcam",
+                                       "layercam", "gradcamelementwise")
+CAM_IMPLS = ("auto", "native", "library")
+PROXY_MODES = ("blend", "mean", "max", "min", "black", "white")
+PROXY_TARGETS = ("predicted", "true")
+DATASET_SOURCES = ("digits", "imagefolder", "cifar100", "caltech101", "places365", "shapes")
+IN_MEMORY = ("auto", "yes", "no")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Keys that never change what a trial computes: excluded from cell identity.
+VOLATILE_KEYS: tuple[str, ...] = (
+    "train.device", "train.num_threads", "train.progress", "dataset.num_workers", "dataset.cache_dir",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be run; the message names the key and what is allowed."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    source: str = "digits"
+    root: Optional[str] = None
+    image_size: int = 32
+    num_classes: Optional[int] = None  # filled in from the data; a set value is checked against it
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # ignored where the dataset has an official test split
+    label_fn: str = "parent"  # "parent" (folder name) or "module:function" taking a path, returning a label
+    in_memory: str = "auto"  # hold decoded tensors in (GPU) memory: auto = when they fit in max_memory_mb
+    max_memory_mb: int = 2048
+    num_workers: int = 2  # DataLoader workers for streamed datasets
+    download: bool = False
+    cache_dir: str = "${oc.env:PROXYATTENTION_CACHE,${oc.env:HOME,.}/.cache/proxyattention}"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: bool = False
+    weights: Optional[str] = None  # local checkpoint file: offline alternative to `pretrained`
+    target_layer: Optional[str] = None  # module path such as "layer3"; default: chosen automatically
+    batch_size: int = 128  # the thesis's batch size for this model
+    amp: bool = True  # whether this model trains stably under mixed precision (ViT: false)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "gradcampp"
+    impl: str = "auto"  # auto: batched torch path where one exists, else pytorch-grad-cam
+    batch_size: int = 64
+
+
+@dataclass
+class ProxyConfig:
+    enabled: bool = True
+    schedule: str = "2,p,2"
+    threshold: float = 0.4
+    weight: float = 0.8
+    subset: float = 1.0
+    mode: str = "blend"
+    target: str = "predicted"
+    clear_every_step: bool = True
+    log_images: int = 8  # originals and proxies shown side by side in TensorBoard per step
+    dump: bool = False  # also save every proxy image as PNG in the trial folder
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: Any = None  # null: the model's batch size; an integer; or "auto" (largest that fits)
+    lr: float = 1e-3
+    max_lr: float = 2e-3
+    weight_decay: float = 1e-5
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
+    channels_last: bool = False
+    eval_batch_size: int = 256
+    checkpoint: bool = True  # a checkpoint after every epoch, used to resume
+    device: str = "auto"
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True
+
+
+@dataclass
+class TrialConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+GROUP_SCHEMAS = {
+    "dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig,
+    "proxy": ProxyConfig, "train": TrainConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas: ``trial_schema`` for the root, ``<group>/schema`` for each group."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="trial_schema", node=TrialConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{key}={value!r} is out of range; it must be in {bracket}{lo}, {hi}]")
+
+
+def validate(cfg: DictConfig | TrialConfig) -> None:
+    """Check ranges and choices; raise :class:`ConfigError` naming the first offending key."""
+    c: Any = cfg
+    try:
+        parse_schedule(c.proxy.schedule)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
+    _in_range("proxy.threshold", c.proxy.threshold, 0.0, 1.0)
+    _in_range("proxy.weight", c.proxy.weight, 0.0, 1.0)
+    _in_range("proxy.subset", c.proxy.subset, 0.0, 1.0, lo_open=True)
+    _choice("proxy.mode", c.proxy.mode, PROXY_MODES)
+    _choice("proxy.target", c.proxy.target, PROXY_TARGETS)
+    _choice("method.name", c.method.name, CAM_METHODS)
+    _choice("method.impl", c.method.impl, CAM_IMPLS)
+    if c.method.impl == "native" and c.method.name not in NATIVE_CAM_METHODS:
+        raise ConfigError(f"method.impl=native has no batched path for method.name={c.method.name!r}; "
+                          f"native methods: {', '.join(NATIVE_CAM_METHODS)}; use method.impl=auto")
+    _choice("dataset.source", c.dataset.source, DATASET_SOURCES)
+    _choice("dataset.in_memory", c.dataset.in_memory, IN_MEMORY)
+    _choice("train.device", c.train.device, DEVICES)
+    if c.dataset.source != "digits" and c.dataset.source != "shapes" and not c.dataset.root:
+        raise ConfigError(f"dataset.root is not set for dataset.source={c.dataset.source!r}; "
+                          "pass dataset.root=PATH (the folder holding the images)")
+    if c.dataset.image_size < 8:
+        raise ConfigError(f"dataset.image_size={c.dataset.image_size} is too small; use 8 or more")
+    _in_range("dataset.val_fraction", c.dataset.val_fraction, 0.0, 0.9, lo_open=True)
+    _in_range("dataset.test_fraction", c.dataset.test_fraction, 0.0, 0.9, lo_open=True)
+    if c.dataset.val_fraction + c.dataset.test_fraction >= 0.95:
+        raise ConfigError("dataset.val_fraction + dataset.test_fraction must leave images to train on "
+                          f"(now {c.dataset.val_fraction} + {c.dataset.test_fraction})")
+    bs = c.train.batch_size
+    if not (bs is None or bs == "auto" or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0)):
+        raise ConfigError(f"train.batch_size={bs!r} is not allowed; use null (the model's batch size), "
+                          "a positive integer, or auto")
+    if c.model.batch_size <= 0:
+        raise ConfigError(f"model.batch_size={c.model.batch_size} must be a positive integer")
+    for key in ("lr", "max_lr"):
+        if not c.train[key] > 0:
+            raise ConfigError(f"train.{key}={c.train[key]} must be > 0")
+    if c.model.pretrained and c.model.weights:
+        raise ConfigError("model.pretrained=true and model.weights are both set; choose one "
+                          "(model.weights=PATH loads a local file, model.pretrained downloads timm's)")
+
+
+def to_trial_config(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a plain config (e.g. a cell's ``config.yaml`` snapshot) onto the schema and validate it.
+
+    Unknown keys are errors; missing keys take their defaults. Only the trial keys are kept (a
+    composed Hydra config also has ``hydra``).
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    plain = {k: v for k, v in plain.items() if k in GROUP_SCHEMAS}
+    schema = OmegaConf.structured(TrialConfig)
+    merged = OmegaConf.merge(schema, plain)
+    validate(merged)
+    return merged
+
+
+def is_baseline(cfg: Any) -> bool:
+    return (not cfg.proxy.enabled) or not parse_schedule(cfg.proxy.schedule).has_proxy
+
+
+def canonical(cfg: DictConfig) -> dict:
+    """The trial as it affects results: resolved, volatile keys dropped, baselines normalised.
+
+    For a baseline the proxy hyperparameters and the CAM method have no effect, so they are reset to
+    their defaults and the schedule to its epoch count: every proxy cell that pairs with the same
+    baseline names the same baseline.
+    """
+    c = to_trial_config(cfg)
+    if is_baseline(c):
+        c.proxy = OmegaConf.structured(ProxyConfig(enabled=False,
+                                                   schedule=parse_schedule(c.proxy.schedule).baseline.text))
+        c.method = OmegaConf.structured(MethodConfig())
+    plain = OmegaConf.to_container(c, resolve=True)
+    for key in VOLATILE_KEYS:
+        group, name = key.split(".")
+        plain[group].pop(name, None)
+    return plain
+
+
+def baseline_of(cfg: DictConfig) -> DictConfig:
+    """The paired baseline of a trial: same everything, proxy off, schedule without the ``p`` steps."""
+    c = to_trial_config(cfg)
+    c.proxy.enabled = False
+    c.proxy.schedule = parse_schedule(c.proxy.schedule).baseline.text
+    return c
+
+
+def cell_id(cfg: DictConfig) -> str:
+    """A stable 12-hex-digit id of the trial: same composed config, same id, on any machine."""
+    blob = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,86 @@
+"""Proxy schedules: ``"5,p,9,p,9,p,9,p,4"`` — integers are training epochs, ``p`` a proxy step.
+
+Pure Python (no torch) so the launcher can validate schedules before any cell starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ScheduleError(ValueError):
+    """A schedule string that cannot be run."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed schedule.
+
+    ``segments`` are the epoch counts between proxy steps; a proxy step sits between two consecutive
+    segments. ``proxy_after`` lists the (1-based) epoch numbers after which a proxy step runs.
+    """
+
+    text: str
+    segments: tuple[int, ...]
+
+    @property
+    def epochs(self) -> int:
+        return sum(self.segments)
+
+    @property
+    def proxy_after(self) -> tuple[int, ...]:
+        done, out = 0, []
+        for seg in self.segments[:-1]:
+            done += seg
+            out.append(done)
+        return tuple(out)
+
+    @property
+    def has_proxy(self) -> bool:
+        return len(self.segments) > 1
+
+    @property
+    def baseline(self) -> "Schedule":
+        """The matching baseline: same epochs, no proxy steps."""
+        return Schedule(text=str(self.epochs), segments=(self.epochs,))
+
+
+def parse_schedule(text: str | int, key: str = "proxy.schedule") -> Schedule:
+    """Parse and validate a schedule string.
+
+    Rules: comma-separated tokens, each a positive integer or ``p``; it starts and ends with epochs, and
+    two ``p`` never touch (a proxy step needs an epoch just before it to record misclassified images, and
+    one after it to use the proxies).
+    """
+    raw = str(text).strip()
+    hint = (f"{key}={raw!r} is not a valid schedule: write epochs and proxy steps separated by commas, "
+            "e.g. '5,p,9,p,4' (integers are training epochs > 0, 'p' is a proxy step, which must sit "
+            "between two epoch counts)")
+    if not raw:
+        raise ScheduleError(hint + "; it is empty")
+    tokens = [t.strip().lower() for t in raw.split(",")]
+    segments: list[int] = []
+    expect_epochs = True
+    for i, tok in enumerate(tokens):
+        if tok == "p":
+            if expect_epochs:
+                where = "starts with 'p'" if i == 0 else "has two 'p' in a row"
+                raise ScheduleError(f"{hint}; it {where}")
+            expect_epochs = True
+            continue
+        try:
+            n = int(tok)
+        except ValueError:
+            raise ScheduleError(f"{hint}; token {tok!r} is neither an integer nor 'p'") from None
+        if n <= 0:
+            raise ScheduleError(f"{hint}; epoch count {n} must be > 0")
+        if not expect_epochs:
+            # "5,3" — adjacent epoch counts merge; allowed but normalised.
+            segments[-1] += n
+        else:
+            segments.append(n)
+        expect_epochs = False
+    if expect_epochs:
+        raise ScheduleError(f"{hint}; it ends with 'p' (a proxy step must be followed by epochs)")
+    canonical = ",p,".join(str(s) for s in segments)
+    return Schedule(text=canonical, segments=tuple(segments))
