@@ -1,0 +1,93 @@
+"""Config composition and rejection: every bad value names its key before any data is loaded."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from proxyattention.config import (ConfigError, baseline_of, canonical, cell_id, register_configs,
+                                   to_trial_config)
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+def make(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_composes_and_validates():
+    cfg = to_trial_config(make())
+    assert cfg.dataset.name == "digits" and cfg.model.name == "resnet18"
+    assert cfg.method.name == "gradcampp" and cfg.proxy.enabled
+
+
+def test_issue_example_overrides():
+    cfg = to_trial_config(make("model=efficientnet_b0", "method=eigengradcam", "proxy.threshold=0.4",
+                               "proxy.weight=0.8", "proxy.subset=0.2", "proxy.schedule='20,p,19'",
+                               "proxy.mode=mean", "proxy.clear_every_step=false", "train.seed=3"))
+    assert cfg.model.name == "efficientnet_b0" and cfg.model.batch_size == 64
+    assert cfg.proxy.schedule == "20,p,19" and cfg.train.seed == 3 and not cfg.proxy.clear_every_step
+
+
+def test_misspelt_key_is_rejected():
+    with pytest.raises(ConfigCompositionException) as e:
+        make("proxy.treshold=0.4")
+    assert "treshold" in str(e.value)
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(ConfigCompositionException) as e:
+        make("model=resnet19")
+    assert "resnet19" in str(e.value) and "resnet18" in str(e.value)
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("proxy.threshold=1.5", "proxy.threshold", "[0.0, 1.0]"),
+    ("proxy.threshold=-0.1", "proxy.threshold", "[0.0, 1.0]"),
+    ("proxy.weight=2", "proxy.weight", "[0.0, 1.0]"),
+    ("proxy.subset=0", "proxy.subset", "(0.0, 1.0]"),
+    ("proxy.subset=1.01", "proxy.subset", "(0.0, 1.0]"),
+    ("proxy.mode=grey", "proxy.mode", "blend, mean, max, min, black, white"),
+    ("proxy.target=other", "proxy.target", "predicted, true"),
+    ("proxy.schedule='5,q,3'", "proxy.schedule", "'p'"),
+    ("proxy.schedule='p,p'", "proxy.schedule", "'p'"),
+    ("proxy.schedule=''", "proxy.schedule", "empty"),
+    ("proxy.schedule='3,p,-2'", "proxy.schedule", "> 0"),
+    ("train.batch_size=big", "train.batch_size", "auto"),
+    ("method.name=nocam", "method.name", "gradcampp"),
+])
+def test_out_of_range_values_name_key_and_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        to_trial_config(make(override))
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException) as e:
+        make("proxy.threshold=high")
+    assert "threshold" in str(e.value)
+
+
+def test_snapshot_with_unknown_key_is_rejected():
+    with pytest.raises(ConfigKeyError):
+        to_trial_config({"proxy": {"treshold": 0.3}})
+
+
+def test_cell_id_is_stable_and_ignores_volatile_keys():
+    a = cell_id(make("proxy.threshold=0.1"))
+    assert a == cell_id(make("proxy.threshold=0.1", "train.device=cpu", "dataset.num_workers=7"))
+    assert a != cell_id(make("proxy.threshold=0.4"))
+    assert len(a) == 12
+
+
+def test_baselines_of_different_proxy_settings_are_one_cell():
+    b1 = baseline_of(make("proxy.threshold=0.1", "method=eigengradcam"))
+    b2 = baseline_of(make("proxy.threshold=0.85", "proxy.mode=black"))
+    explicit = make("proxy=none")
+    assert cell_id(b1) == cell_id(b2) == cell_id(explicit)
+    assert canonical(b1)["proxy"]["schedule"] == "4"
+    assert cell_id(b1) != cell_id(make("proxy=none", "train.seed=1"))
