@@ -1,0 +1,550 @@
+"""The sweep folder: cell identity on disk, cell states, atomic status files and claims.
+
+This is the file protocol every backend (local pool, Slurm) shares. The filesystem is the source of
+truth: no database, no pickle, no lock server — only files written whole (temp file + ``os.replace``)
+and claim files created exclusively, which is safe on NFS and Lustre.
+
+Layout of a sweep folder::
+
+    SWEEP_DIR/
+      plans/<plan_id>.json      one sweep definition per distinct job list: the cells in order, each
+                                with its overrides and paired baseline (see :func:`write_plan`)
+      cells/<cell_id>/          one folder per cell; ``cell_id`` is ``proxyattention.config.cell_id``
+        config.yaml             trial config snapshot the cell runs from; written once, never changed
+        status.json             :class:`CellStatus`; written ONLY by the holder of the cell's claim
+        claim.<n>               claim files; the highest generation ``n`` is the current claim
+        result.json             written by the cell (``python -m proxyattention.cell CELL_DIR``) at
+        error.json              the end / on failure, with checkpoint.pt, tb/ and trial.log
+        stdout.log stderr.log   the cell process's output, appended attempt after attempt
+        previous/<stamp>/       results moved aside by a forced rerun (never deleted)
+
+States (:class:`CellState`): no ``status.json`` means PENDING; RUNNING carries the owner's host and pid
+(or Slurm job id) and a heartbeat; DONE is written only after ``result.json`` parsed with
+``"status": "done"`` (:func:`cell_outcome`). A RUNNING status whose owner is gone — dead pid on this
+host, or a heartbeat older than ``stale_after_s`` — reads as CANCELLED with ``interrupted=True``
+(:func:`effective_status`): rerunnable, and a rerun resumes from the cell's checkpoint.
+
+How a backend runs one cell (the local pool does exactly this; a Slurm job does it on its node)::
+
+    claim = try_claim(cell_dir)                  # None: a live owner holds it, skip the cell
+    if claim:
+        try:
+            status = read_status(cell_dir)       # re-read AFTER claiming: DONE meanwhile -> skip
+            status = status.started(claim.owner, pid=child_pid)   # attempts += 1, RUNNING
+            write_status(cell_dir, status)
+            ... every heartbeat: claim.heartbeat(); write_status(cell_dir, status.beat())
+            state, error, metrics = cell_outcome(cell_dir, returncode)
+            write_status(cell_dir, status.finished(state, ...))
+        finally:
+            claim.release()
+
+Only the claim holder writes ``status.json``; the planner writes ``config.yaml`` (once) and plans;
+the cell writes its results. No file has two writers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+CELLS = "cells"
+PLANS = "plans"
+STATUS = "status.json"
+RESULT = "result.json"
+ERROR = "error.json"
+CONFIG = "config.yaml"
+STDOUT = "stdout.log"
+STDERR = "stderr.log"
+PREVIOUS = "previous"
+CLAIM_PREFIX = "claim."
+
+# A RUNNING cell on another host whose heartbeat is older than this is taken as interrupted. On the
+# owner's own host the pid decides, so this only matters across machines (shared filesystem).
+DEFAULT_STALE_AFTER_S = 120.0
+ERROR_TAIL_LINES = 12
+
+HOST = socket.gethostname()
+
+
+class CellState(str, enum.Enum):
+    """Where a cell stands. The value is the name, so ``status.json`` reads ``"state": "DONE"``."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        """Ended, one way or another (not PENDING, not RUNNING)."""
+        return self not in (CellState.PENDING, CellState.RUNNING)
+
+    @property
+    def failed(self) -> bool:
+        """Ended without a result: what ``rerun=failed`` reruns."""
+        return self in (CellState.FAILED, CellState.TIMEOUT, CellState.CANCELLED)
+
+
+@dataclass
+class Owner:
+    """Who holds a claim: a process on a host (local), or a Slurm job (``job_id``)."""
+
+    host: str
+    pid: int
+    start: Optional[int]  # the pid's start time in clock ticks since boot: guards against pid reuse
+    token: str
+    backend: str = "local"
+    job_id: Optional[str] = None
+
+    @classmethod
+    def this_process(cls, backend: str = "local", job_id: Optional[str] = None) -> "Owner":
+        pid = os.getpid()
+        return cls(host=HOST, pid=pid, start=process_start(pid), token=secrets.token_hex(8),
+                   backend=backend, job_id=job_id)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Owner":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class CellStatus:
+    """The content of ``status.json``. Times are Unix seconds.
+
+    ``pid`` is the cell process (the local child); ``owner_pid``/``host`` the process that owns the
+    claim and writes this file; ``job_id`` the Slurm job, if any. ``metrics`` holds the few final
+    metrics the summary and ``launcher.status`` show (so they never have to open ``result.json``).
+    """
+
+    state: CellState = CellState.PENDING
+    attempts: int = 0
+    backend: Optional[str] = None
+    host: Optional[str] = None
+    owner_pid: Optional[int] = None
+    owner_start: Optional[int] = None
+    pid: Optional[int] = None
+    job_id: Optional[str] = None
+    started: Optional[float] = None
+    heartbeat: Optional[float] = None
+    ended: Optional[float] = None
+    duration_s: Optional[float] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    interrupted: bool = False
+    metrics: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellStatus":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["state"] = CellState(kw.get("state", "PENDING"))
+        return cls(**kw)
+
+    def started_by(self, owner: Owner, pid: Optional[int] = None) -> "CellStatus":
+        """A new attempt: RUNNING, ``attempts + 1``, owner and pid recorded, heartbeat now."""
+        now = time.time()
+        return dataclasses.replace(
+            self, state=CellState.RUNNING, attempts=self.attempts + 1, backend=owner.backend,
+            host=owner.host, owner_pid=owner.pid, owner_start=owner.start, pid=pid, job_id=owner.job_id,
+            started=now, heartbeat=now, ended=None, duration_s=None, exit_code=None, error=None,
+            interrupted=False, metrics={})
+
+    def beat(self) -> "CellStatus":
+        return dataclasses.replace(self, heartbeat=time.time())
+
+    def finished(self, state: CellState, *, exit_code: Optional[int] = None, error: Optional[str] = None,
+                 metrics: Optional[dict] = None, interrupted: bool = False) -> "CellStatus":
+        now = time.time()
+        return dataclasses.replace(
+            self, state=state, ended=now, heartbeat=now, exit_code=exit_code, error=error,
+            duration_s=None if self.started is None else round(now - self.started, 3),
+            metrics=metrics or {}, interrupted=interrupted)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a unique temp file beside it, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing or not (yet) a complete JSON object."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders
+
+
+def cells_root(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / CELLS
+
+
+def cell_dir(sweep_dir: Path, cell_id: str) -> Path:
+    """The folder of one cell: ``SWEEP_DIR/cells/<cell_id>`` (deterministic: no dates, no job numbers)."""
+    return Path(sweep_dir) / CELLS / cell_id
+
+
+def read_status(cell: Path) -> CellStatus:
+    """The cell's recorded status; PENDING when it never started."""
+    d = read_json(Path(cell) / STATUS)
+    return CellStatus() if d is None else CellStatus.from_dict(d)
+
+
+def write_status(cell: Path, status: CellStatus) -> None:
+    """Replace ``status.json`` atomically. Call only while holding the cell's claim (one writer)."""
+    atomic_write_json(Path(cell) / STATUS, status.to_dict())
+
+
+def read_result(cell: Path) -> Optional[dict]:
+    """``result.json`` if it parses and says ``"status": "done"``, else None."""
+    d = read_json(Path(cell) / RESULT)
+    return d if d is not None and d.get("status") == "done" else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Liveness
+
+
+def process_start(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), None if unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing ')'.
+    fields = stat[stat.rindex(b")") + 2:].split()
+    try:
+        return int(fields[19])  # field 22 of /proc/PID/stat
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, start: Optional[int] = None) -> bool:
+    """Whether ``pid`` runs on this host (and, when ``start`` is known, is the same process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start is not None:
+        now_start = process_start(pid)
+        if now_start is not None and now_start != start:
+            return False
+    return True
+
+
+def owner_gone(host: Optional[str], pid: Optional[int], start: Optional[int], heartbeat: Optional[float],
+               stale_after_s: float = DEFAULT_STALE_AFTER_S, now: Optional[float] = None) -> bool:
+    """Whether the owner of a claim or RUNNING status can no longer be working on the cell.
+
+    On this host the pid decides (a live pid is trusted however old its heartbeat). Elsewhere only the
+    heartbeat can tell: older than ``stale_after_s`` means gone.
+    """
+    if host == HOST and pid is not None:
+        return not pid_alive(pid, start)
+    if heartbeat is None:
+        return True
+    return (now if now is not None else time.time()) - heartbeat > stale_after_s
+
+
+def effective_status(status: CellStatus, stale_after_s: float = DEFAULT_STALE_AFTER_S,
+                     now: Optional[float] = None) -> CellStatus:
+    """The status as it really is: a RUNNING cell whose owner is gone is CANCELLED, ``interrupted``.
+
+    Backends that know better (Slurm via sacct) refine RUNNING cells of their own ``backend`` further.
+    """
+    if status.state != CellState.RUNNING or status.backend not in (None, "local"):
+        return status
+    if not owner_gone(status.host, status.owner_pid, status.owner_start, status.heartbeat,
+                      stale_after_s, now):
+        return status
+    who = f"pid {status.owner_pid} on {status.host}"
+    return dataclasses.replace(status, state=CellState.CANCELLED, interrupted=True,
+                               error=f"interrupted: its launcher ({who}) is gone; rerun to resume")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims
+
+
+@dataclass
+class Claim:
+    """A held claim on one cell (file ``claim.<generation>``). Release it when the attempt ends."""
+
+    cell: Path
+    generation: int
+    owner: Owner
+
+    @property
+    def path(self) -> Path:
+        return self.cell / f"{CLAIM_PREFIX}{self.generation}"
+
+    def heartbeat(self) -> None:
+        """Touch the claim file: its mtime is the heartbeat other hosts judge staleness by."""
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _claim_generations(cell: Path) -> list[int]:
+    gens = []
+    try:
+        names = os.listdir(cell)
+    except FileNotFoundError:
+        return gens
+    for name in names:
+        if name.startswith(CLAIM_PREFIX):
+            try:
+                gens.append(int(name[len(CLAIM_PREFIX):]))
+            except ValueError:
+                pass
+    return sorted(gens)
+
+
+def claim_holder(cell: Path, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> Optional[Owner]:
+    """The live owner of the cell's current claim, or None (no claim, or its owner is gone)."""
+    gens = _claim_generations(cell)
+    if not gens:
+        return None
+    path = Path(cell) / f"{CLAIM_PREFIX}{gens[-1]}"
+    d = read_json(path)
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if d is None:
+        # Claims are linked into place complete, so an unreadable claim is foreign or damaged:
+        # judge it by its age only.
+        return None if time.time() - mtime > stale_after_s else Owner(HOST, -1, None, "?")
+    owner = Owner.from_dict(d)
+    if owner_gone(owner.host, owner.pid, owner.start, mtime, stale_after_s):
+        return None
+    return owner
+
+
+def try_claim(cell: Path, owner: Optional[Owner] = None,
+              stale_after_s: float = DEFAULT_STALE_AFTER_S) -> Optional[Claim]:
+    """Claim the cell for ``owner`` (default: this process), or None when a live owner holds it.
+
+    Claims are generations ``claim.1``, ``claim.2``, …; the highest is current. To claim, a process
+    creates the next generation exclusively: it writes a unique temp file and ``os.link``s it to the
+    claim name. ``link`` fails if the name exists, atomically, also on NFS (where ``O_EXCL`` on
+    ``open`` used to be unreliable); if the server's reply is lost, the temp file's link count
+    (2 = we made the link) tells the truth. A claim whose owner is gone (dead pid on this host, or a
+    stale heartbeat elsewhere) is taken over by creating the generation above it, so of two processes
+    reclaiming at once exactly one wins, and nobody ever deletes a live claim.
+
+    After claiming, re-read ``status.json``: the cell may have been finished by the previous holder.
+    """
+    cell = Path(cell)
+    owner = owner or Owner.this_process()
+    cell.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        gens = _claim_generations(cell)
+        top = gens[-1] if gens else 0
+        if top and claim_holder(cell, stale_after_s) is not None:
+            return None
+        new = cell / f"{CLAIM_PREFIX}{top + 1}"
+        tmp = cell / f".claim.{owner.host}.{owner.pid}.{owner.token}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(owner.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, new)
+            won = True
+        except FileExistsError:
+            won = False
+        except OSError:
+            won = os.stat(tmp).st_nlink == 2
+        finally:
+            tmp.unlink(missing_ok=True)
+        if won:
+            for g in gens:  # superseded claims of gone owners: tidy, best effort
+                (cell / f"{CLAIM_PREFIX}{g}").unlink(missing_ok=True)
+            return Claim(cell=cell, generation=top + 1, owner=owner)
+        # Someone created that generation first: look again (it may be live now).
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outcome of one attempt
+
+
+def tail(path: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 16384) -> str:
+    """The last ``lines`` non-empty lines of a text file ('' if missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    data = data.replace("\r", "\n")
+    kept = [ln for ln in data.splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+SUMMARY_METRICS = ("test/acc", "val/acc_best", "proxy/images")
+
+
+def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = False,
+                 interrupted: bool = False) -> tuple[CellState, Optional[str], dict]:
+    """Judge a finished attempt: ``(state, error tail or None, summary metrics)``.
+
+    DONE needs exit code 0 AND a parsed ``result.json`` with ``"status": "done"``. ``timed_out`` /
+    ``interrupted`` say the launcher itself stopped the cell (TIMEOUT / CANCELLED). A cell killed by a
+    signal nobody in the launcher sent is CANCELLED as well: rerunnable, it resumes from its checkpoint.
+    """
+    cell = Path(cell)
+    if timed_out:
+        return CellState.TIMEOUT, "timed out: the launcher killed the cell's process group", {}
+    if interrupted:
+        return CellState.CANCELLED, "interrupted by the launcher (Ctrl-C or SIGTERM); rerun to resume", {}
+    if returncode == 0:
+        result = read_result(cell)
+        if result is not None:
+            m = result.get("metrics") or {}
+            metrics = {k: m[k] for k in SUMMARY_METRICS if k in m}
+            timing = result.get("timing") or {}
+            for k in ("train_s", "total_s"):
+                if k in timing:
+                    metrics[f"timing/{k}"] = timing[k]
+            return CellState.DONE, None, metrics
+        return CellState.FAILED, (f"the cell exited 0 but {RESULT} is missing or not a finished result\n"
+                                  + tail(cell / STDERR)), {}
+    if returncode is not None and returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return CellState.CANCELLED, f"killed by {name} (not by the launcher); rerun to resume", {}
+    err = read_json(cell / ERROR)
+    if err is not None:
+        head = f"{err.get('type', 'Error')}: {err.get('error', '')}".strip()
+        tb = "\n".join(str(err.get("traceback", "")).strip().splitlines()[-ERROR_TAIL_LINES:])
+        return CellState.FAILED, (tb + "\n" + head).strip() if tb else head, {}
+    return CellState.FAILED, (f"exit code {returncode}\n" + tail(cell / STDERR)).strip(), {}
+
+
+def move_aside(cell: Path) -> Optional[Path]:
+    """Move a cell's results, checkpoint, logs and status into ``previous/<stamp>/`` (a forced rerun).
+
+    Keeps ``config.yaml`` and the claim. Returns the folder they went to, or None if nothing moved.
+    Call only while holding the claim.
+    """
+    cell = Path(cell)
+    keep = {CONFIG, PREVIOUS}
+    movable = [p for p in cell.iterdir()
+               if p.name not in keep and not p.name.startswith(CLAIM_PREFIX) and not p.name.startswith(".")]
+    if not movable:
+        return None
+    dest = cell / PREVIOUS / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for p in movable:
+        shutil.move(str(p), str(dest / p.name))
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sweep definitions (plans)
+
+
+@dataclass
+class CellRecord:
+    """One cell of a sweep definition: its id, the overrides that name it, its paired baseline."""
+
+    id: str
+    overrides: list[str]
+    baseline: Optional[str] = None  # id of the paired baseline (proxy cells only)
+    role: str = "proxy"  # "proxy" or "baseline"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def write_plan(sweep_dir: Path, plan_id: str, cells: Iterable[CellRecord], extra: Optional[dict] = None) -> Path:
+    """Record a sweep definition as ``plans/<plan_id>.json`` (atomic; identical content if rewritten)."""
+    path = Path(sweep_dir) / PLANS / f"{plan_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"version": 1, **(extra or {}), "cells": [c.to_dict() for c in cells]})
+    return path
+
+
+def read_plans(sweep_dir: Path) -> list[CellRecord]:
+    """Every cell any plan of the sweep folder names, first mention first (deduplicated by id).
+
+    Cell folders that no plan names (e.g. a plan file was deleted) are appended, with no overrides.
+    """
+    sweep_dir = Path(sweep_dir)
+    seen: dict[str, CellRecord] = {}
+    plan_dir = sweep_dir / PLANS
+    paths = sorted(plan_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if plan_dir.is_dir() else []
+    for path in paths:
+        d = read_json(path) or {}
+        for c in d.get("cells", []):
+            if c["id"] not in seen:
+                seen[c["id"]] = CellRecord(id=c["id"], overrides=list(c.get("overrides", [])),
+                                           baseline=c.get("baseline"), role=c.get("role", "proxy"))
+    root = cells_root(sweep_dir)
+    if root.is_dir():
+        for name in sorted(os.listdir(root)):
+            if name not in seen:
+                seen[name] = CellRecord(id=name, overrides=[], role="unknown")
+    return list(seen.values())
