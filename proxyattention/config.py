@@ -109,17 +109,30 @@ class TrainConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Explainability metrics of the trained model on test images (``proxyattention.explain``)."""
+
+    enabled: bool = True
+    method: str = "eigengradcam"  # judge with a CAM method other than the training one (DESIGN.md)
+    impl: str = "auto"
+    images: int = 128  # a seeded subset of the test split (the same for a cell and its baseline); 0 = all
+    steps: int = 20  # insertion / deletion steps
+    batch_size: int = 128
+
+
+@dataclass
 class TrialConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
 
 GROUP_SCHEMAS = {
     "dataset": DatasetConfig, "model": ModelConfig, "method": MethodConfig,
-    "proxy": ProxyConfig, "train": TrainConfig,
+    "proxy": ProxyConfig, "train": TrainConfig, "explain": ExplainConfig,
 }
 
 
@@ -184,6 +197,11 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
     for key in ("lr", "max_lr"):
         if not c.train[key] > 0:
             raise ConfigError(f"train.{key}={c.train[key]} must be > 0")
+    _choice("explain.method", c.explain.method, CAM_METHODS)
+    _choice("explain.impl", c.explain.impl, CAM_IMPLS)
+    for key, lo in (("images", 0), ("steps", 1), ("batch_size", 1)):
+        if c.explain[key] < lo:
+            raise ConfigError(f"explain.{key}={c.explain[key]} must be >= {lo}")
     if c.model.pretrained and c.model.weights:
         raise ConfigError("model.pretrained=true and model.weights are both set; choose one "
                           "(model.weights=PATH loads a local file, model.pretrained downloads timm's)")

@@ -204,12 +204,24 @@ def choose_images(test_idx: Tensor, count: int, seed: int) -> Tensor:
     return test_idx[torch.randperm(test_idx.numel(), generator=g)[:count]].sort().values
 
 
+def masks_at(masks: Any, indices: Tensor, size: tuple[int, int]) -> Tensor:
+    """Object masks of ``indices`` at the model's input size: (K, H, W) bool.
+
+    masks: (N, h, w) bool array or tensor for the whole dataset, at any resolution (resized nearest).
+    """
+    m = torch.as_tensor(masks[indices.cpu().numpy()] if not isinstance(masks, Tensor) else masks[indices])
+    m = m.reshape(-1, *m.shape[-2:])
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return m > 0.5 if m.dtype != torch.bool else m
+
+
 def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any, target_layer: Any,
                   masks: Optional[Tensor] = None) -> dict[str, float]:
     """The ``explain/*`` metrics of a trained trial on its test images (``cfg.explain`` says how).
 
     bank: the trial's :class:`~proxyattention.data.ImageBank`; test_idx: (T,) long test indices;
-    masks: optional (len(dataset), H, W) bool object masks, indexed like the bank.
+    masks: optional (len(dataset), h, w) bool object masks, indexed like the bank, any resolution.
     The CAMs explain the true class with ``cfg.explain.method``, which should differ from the training
     method (DESIGN.md); the model's mode and gradients are left as they were.
     """
@@ -229,5 +241,5 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
         images.append(x)
         labels.append(y)
     x, y, s = torch.cat(images), torch.cat(labels), torch.cat(maps)
-    m = masks[idx.to(masks.device)].to(x.device) if masks is not None else None
+    m = None if masks is None else masks_at(masks, idx, x.shape[-2:]).to(x.device)
     return explanation_metrics(model, x, y, s, m, steps=int(e.steps), batch_size=int(e.batch_size))

@@ -34,6 +34,7 @@ from proxyattention.cam import compute_cams
 from proxyattention.config import ConfigError, cell_id, register_configs, to_trial_config
 from proxyattention.data import (ImageBank, ProxyOverlay, augment, load_or_make_split, load_samples,
                                  normalize, to_float)
+from proxyattention.explain import explain_trial
 from proxyattention.models import build_model, find_target_layer
 from proxyattention.proxy import changed_fraction, choose_subset, make_proxies
 from proxyattention.schedule import parse_schedule
@@ -419,6 +420,13 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "proxy/pixels_changed": (sum(s["pixels_changed"] * s["images"] for s in state.proxy_steps)
                                  / max(1, sum(s["images"] for s in state.proxy_steps))),
     }
+    if cfg.explain.enabled:  # explainability on test images, judged with explain.method
+        t0 = time.perf_counter()
+        explained = explain_trial(model, bank, test_idx, cfg, target_layer, getattr(samples, "masks", None))
+        state.timing["explain_s"] = time.perf_counter() - t0
+        metrics.update(explained)
+        for key, value in explained.items():
+            writer.add_scalar(key, value, epochs)
     flat_cfg = {f"{g}.{k}": v for g, sect in OmegaConf.to_container(cfg, resolve=True).items()
                 for k, v in sect.items() if isinstance(v, (int, float, str, bool))}
     writer.add_hparams(flat_cfg, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
