@@ -1,0 +1,134 @@
+"""What the terminal shows: one line per cell state change, a progress bar, a summary table."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, TextIO
+
+from launcher.manifest import CellRecord, CellState, CellStatus
+
+SUMMARY_ROWS = 60  # more cells than this: the table shows the unfinished ones first, then a count
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def distinguishing(records: Sequence[CellRecord]) -> dict[str, str]:
+    """Per cell id, the overrides that differ between the cells (those shared by all are noise)."""
+    parsed = [dict(_split(o) for o in r.overrides) for r in records]
+    keys: list[str] = []
+    for p in parsed:
+        for k in p:
+            if k not in keys:
+                keys.append(k)
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    return {r.id: " ".join(f"{k}={p[k]}" for k in varying if k in p) for r, p in zip(records, parsed)}
+
+
+def fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def fmt_acc(status: CellStatus) -> str:
+    acc = status.metrics.get("test/acc")
+    return "-" if acc is None else f"{acc:.4f}"
+
+
+def first_line(text: Optional[str]) -> str:
+    """The most telling line of an error tail: its last line (the exception, for a traceback)."""
+    if not text:
+        return ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
+    rows = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    out = []
+    for n, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+class Console:
+    """Thread-safe terminal output of one launch."""
+
+    def __init__(self, records: Sequence[CellRecord], stream: TextIO = sys.stdout) -> None:
+        self.stream = stream
+        self.labels = distinguishing(records)
+        self.roles = {r.id: r.role for r in records}
+        self._lock = threading.Lock()
+        self._bar = None
+        self._n_run = 0
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.clear()
+            print(text, file=self.stream, flush=True)
+            if self._bar is not None:
+                self._bar.refresh()
+
+    def start_progress(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._n_run = total
+        # On stderr, and only on a terminal: logs and pipes get the state-change lines alone.
+        self._bar = tqdm(total=total, desc="cells", unit="cell", file=sys.stderr, disable=None,
+                         dynamic_ncols=True, leave=False)
+
+    def advance(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(1)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def cell(self, cid: str, state: CellState, detail: str = "") -> None:
+        label = self.labels.get(cid, "")
+        if self.roles.get(cid) == "baseline":
+            label = f"[baseline] {label}".rstrip()
+        line = f"{state.value:<9} {cid}  {label}"
+        if detail:
+            line += f"  {detail}"
+        self.say(line)
+
+    def summary(self, records: Sequence[CellRecord], statuses: dict[str, CellStatus], sweep_dir: Path) -> None:
+        order = list(records)
+        if len(order) > SUMMARY_ROWS:
+            # The cells that need attention first.
+            order.sort(key=lambda r: statuses[r.id].state == CellState.DONE)
+        shown = order[:SUMMARY_ROWS]
+        rows = []
+        for r in shown:
+            s = statuses[r.id]
+            label = self.labels.get(r.id, "")
+            if r.role == "baseline":
+                label = f"[baseline] {label}".rstrip()
+            rows.append([r.id, label or "-", s.state.value, fmt_acc(s), fmt_duration(s.duration_s)])
+        text = table(rows, ["cell", "overrides", "state", "test/acc", "time"])
+        if len(order) > len(shown):
+            text += f"\n… and {len(order) - len(shown)} more cells (python -m launcher.status {sweep_dir})"
+        counts: dict[str, int] = {}
+        for r in records:
+            st = statuses[r.id].state.value
+            counts[st] = counts.get(st, 0) + 1
+        tally = ", ".join(f"{n} {st}" for st, n in counts.items())
+        self.say(f"\n{text}\n\n{len(records)} cells: {tally}\nsweep folder: {sweep_dir}")

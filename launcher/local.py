@@ -1,0 +1,388 @@
+"""The local backend: each cell is its own process, a bounded pool of them, pinned to GPUs.
+
+A cell runs as ``python -m proxyattention.cell CELL_DIR`` in a new session (its own process group, so
+a timeout or Ctrl-C kills it and everything it started, and GPU memory is freed when it exits), with
+``CUDA_VISIBLE_DEVICES`` set round-robin over the GPUs found (without importing torch: the
+``CUDA_VISIBLE_DEVICES`` of the launcher, else ``nvidia-smi -L``) and ``OMP_NUM_THREADS`` set to
+``cores // workers``. Its stdout/stderr go to ``stdout.log``/``stderr.log`` in the cell folder.
+
+This process owns the claim of every cell it runs and is the only writer of their ``status.json``.
+Cells claimed by another live launcher are waited on, not run twice; a claim left by a dead process
+is taken over, and a cell process it left behind (orphaned by ``kill -9`` of its launcher) is killed
+first, so the rerun is the only process working in that folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import enum
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher import manifest
+from launcher.console import Console, first_line, fmt_acc, fmt_duration, table
+from launcher.manifest import CellRecord, CellState, CellStatus, Claim, Owner
+
+KILL_GRACE_S = 5.0
+
+
+class Rerun(str, enum.Enum):
+    """Which cells a launch runs."""
+
+    NOT_DONE = "not_done"  # default: every cell that is not DONE (interrupted ones resume)
+    FAILED = "failed"  # only cells that ended FAILED, TIMEOUT or CANCELLED (or were interrupted)
+    ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
+
+    def wants(self, state: CellState) -> bool:
+        if self is Rerun.ALL:
+            return True
+        if self is Rerun.FAILED:
+            return state.failed
+        return state != CellState.DONE
+
+
+@dataclass
+class LocalOptions:
+    """``hydra.launcher.*`` of ``hydra/launcher=local`` (see conf/hydra/launcher/local.yaml)."""
+
+    workers: int = 1
+    timeout_min: Optional[float] = None
+    rerun: str = "not_done"
+    dry_run: bool = False
+    threads_per_cell: int = 0
+    gpus: Optional[str] = None
+    heartbeat_s: float = 10.0
+    stale_after_s: float = manifest.DEFAULT_STALE_AFTER_S
+    cell_module: str = "proxyattention.cell"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LocalOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: cfg[k] for k in cfg if k in names}
+        opts = cls(**kw)
+        try:
+            Rerun(opts.rerun)
+        except ValueError:
+            raise ValueError(f"hydra.launcher.rerun={opts.rerun!r} is not allowed; choose one of: "
+                             f"{', '.join(r.value for r in Rerun)}") from None
+        if opts.workers < 1:
+            raise ValueError(f"hydra.launcher.workers={opts.workers} must be >= 1")
+        if opts.timeout_min is not None and opts.timeout_min <= 0:
+            raise ValueError(f"hydra.launcher.timeout_min={opts.timeout_min} must be > 0 (or null: no limit)")
+        return opts
+
+
+def detect_gpus(spec: Optional[str] = None) -> list[str]:
+    """GPU ids to pin cells to: ``spec`` ("0,1"), else ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``."""
+    if spec is not None and str(spec).strip() != "":
+        return [s.strip() for s in str(spec).split(",") if s.strip()]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [s.strip() for s in env.split(",") if s.strip() and s.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [str(i) for i, ln in enumerate(ln for ln in out.stdout.splitlines() if ln.startswith("GPU "))]
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _cell_process_alive(pid: int, cell: Path) -> bool:
+    """Whether ``pid`` is a live cell process working in ``cell`` (checked by its command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return str(cell).encode() in cmd
+
+
+def stop_orphan(status: CellStatus, cell: Path) -> bool:
+    """Kill the process group of a cell process left running by a dead launcher. True if it did."""
+    if status.pid is None or status.host != manifest.HOST or not _cell_process_alive(status.pid, cell):
+        return False
+    kill_group(status.pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while _cell_process_alive(status.pid, cell) and time.time() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+class LocalRunner:
+    """Run the cells of a plan that the rerun mode selects; return the launcher's exit code."""
+
+    def __init__(self, sweep_dir: Path, records: list[CellRecord], options: LocalOptions,
+                 console: Optional[Console] = None) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.records = records
+        self.opts = options
+        self.rerun = Rerun(options.rerun)
+        self.console = console or Console(records)
+        self.owner = Owner.this_process()
+        self.gpus = detect_gpus(options.gpus)
+        self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
+        self.statuses: dict[str, CellStatus] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def dir(self, cid: str) -> Path:
+        return manifest.cell_dir(self.sweep_dir, cid)
+
+    def _status(self, cid: str) -> CellStatus:
+        return manifest.effective_status(manifest.read_status(self.dir(cid)), self.opts.stale_after_s)
+
+    # -- one cell, in a worker thread, while holding its claim
+    def _run_cell(self, cid: str, claim: Claim, slot: int) -> CellStatus:
+        cell = self.dir(cid)
+        try:
+            status = manifest.read_status(cell)
+            if status.state == CellState.RUNNING:
+                stop_orphan(status, cell)
+            if self.rerun is Rerun.ALL:
+                moved = manifest.move_aside(cell)
+                if moved is not None:
+                    self.console.say(f"          {cid}  earlier results moved to {moved}")
+                status = CellStatus(attempts=status.attempts)
+            elif manifest.read_result(cell) is not None:
+                # Its process finished after its launcher died: the result is complete, adopt it.
+                state, error, metrics = manifest.cell_outcome(cell, 0)
+                status = status.finished(state, exit_code=0, error=error, metrics=metrics)
+                manifest.write_status(cell, status)
+                return status
+            return self._spawn(cid, cell, claim, status, slot)
+        finally:
+            claim.release()
+
+    def _spawn(self, cid: str, cell: Path, claim: Claim, status: CellStatus, slot: int) -> CellStatus:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        where = "cpu"
+        if self.gpus:
+            gpu = self.gpus[slot % len(self.gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            where = f"gpu {gpu}"
+        cmd = [sys.executable, "-m", self.opts.cell_module, str(cell)]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
+            header = f"\n===== attempt {status.attempts + 1} on {manifest.HOST} at {stamp}: {' '.join(cmd)}\n"
+            out.write(header.encode())
+            err.write(header.encode())
+            out.flush()
+            err.flush()
+            if self._stopping.is_set():
+                return status
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        with self._lock:
+            self._procs[cid] = proc
+        status = status.started_by(self.owner, pid=proc.pid)
+        manifest.write_status(cell, status)
+        self.console.cell(cid, CellState.RUNNING, f"(attempt {status.attempts}, pid {proc.pid}, {where})")
+        deadline = None if self.opts.timeout_min is None else time.time() + 60 * self.opts.timeout_min
+        timed_out = False
+        while True:
+            wait = self.opts.heartbeat_s
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.time()))
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if deadline is not None and time.time() >= deadline and not timed_out:
+                timed_out = True
+                self._terminate(proc)
+                continue
+            claim.heartbeat()
+            status = status.beat()
+            manifest.write_status(cell, status)
+        with self._lock:
+            self._procs.pop(cid, None)
+        interrupted = self._stopping.is_set() and not timed_out and proc.returncode != 0
+        state, error, metrics = manifest.cell_outcome(cell, proc.returncode, timed_out=timed_out,
+                                                      interrupted=interrupted)
+        status = status.finished(state, exit_code=proc.returncode, error=error, metrics=metrics,
+                                 interrupted=interrupted)
+        manifest.write_status(cell, status)
+        return status
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        """SIGTERM the cell's process group, SIGKILL what is left after a grace period."""
+        kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_group(proc.pid, signal.SIGKILL)
+
+    def _report(self, cid: str, status: CellStatus, note: str = "") -> None:
+        self.statuses[cid] = status
+        if status.state == CellState.DONE:
+            detail = f"test/acc {fmt_acc(status)}  {fmt_duration(status.duration_s)}"
+        else:
+            detail = first_line(status.error)
+            if status.state == CellState.FAILED:
+                detail += f"  (log: {self.dir(cid) / manifest.STDERR})"
+        self.console.cell(cid, status.state, (note + " " + detail).strip())
+        self.console.advance()
+
+    # -- the pool
+    def run(self) -> int:
+        ids = [r.id for r in self.records]
+        for cid in ids:
+            self.statuses[cid] = self._status(cid)
+        selected = [cid for cid in ids if self.rerun.wants(self.statuses[cid].state)]
+        if self.opts.dry_run:
+            return self._dry_run(selected)
+        if not selected:
+            n_done = sum(s.state == CellState.DONE for s in self.statuses.values())
+            if n_done == len(ids):
+                self.console.say(f"All {len(ids)} cells are DONE; nothing to run.")
+            else:
+                self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to run.")
+            return self._finish()
+        skipped = len(ids) - len(selected)
+        gpu_note = f"GPUs {','.join(self.gpus)}" if self.gpus else "no GPU"
+        self.console.say(f"{len(selected)} of {len(ids)} cells to run ({skipped} skipped), "
+                         f"{self.opts.workers} at a time, {self.threads} threads each, {gpu_note}; "
+                         f"sweep folder: {self.sweep_dir}")
+        self.console.start_progress(len(selected))
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) \
+            if threading.current_thread() is threading.main_thread() else None
+        self._pool = cf.ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="cell")
+        try:
+            self._loop(selected)
+            self._pool.shutdown(wait=True)
+        except KeyboardInterrupt:
+            self._interrupt()
+            self.console.close()
+            self.console.say("Interrupted: running cells were stopped and marked CANCELLED; "
+                             "run the same command again to resume them.")
+            self._finish()
+            return 130
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        self.console.close()
+        return self._finish()
+
+    def _loop(self, selected: list[str]) -> None:
+        pending = deque(selected)
+        waiting: dict[str, float] = {}  # held by another live owner: cell -> when last looked at
+        running: dict[cf.Future, tuple[str, int]] = {}
+        free_slots = list(range(self.opts.workers))
+        while pending or running or waiting:
+            while pending and free_slots:
+                cid = pending.popleft()
+                claim = manifest.try_claim(self.dir(cid), self.owner, self.opts.stale_after_s)
+                if claim is None:
+                    if cid not in waiting:
+                        self.console.cell(cid, CellState.RUNNING, "(held by another launcher; waiting for it)")
+                    waiting[cid] = time.time()
+                    continue
+                status = self._status(cid)  # re-read under the claim
+                ran_elsewhere = (status.attempts > self.statuses[cid].attempts and status.state.finished
+                                 and not status.interrupted)
+                if ran_elsewhere or not self.rerun.wants(status.state):
+                    # Another launcher ran it since this launch looked: never run a cell twice.
+                    claim.release()
+                    waiting.pop(cid, None)
+                    self._report(cid, status, "(by another launcher)")
+                    continue
+                waiting.pop(cid, None)
+                slot = free_slots.pop(0)
+                running[self._pool.submit(self._run_cell, cid, claim, slot)] = (cid, slot)
+            if running:
+                done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            else:
+                done = set()
+                time.sleep(0.5)
+            for fut in done:
+                cid, slot = running.pop(fut)
+                free_slots.append(slot)
+                free_slots.sort()
+                self._report(cid, fut.result())
+            now = time.time()
+            for cid, seen in list(waiting.items()):
+                if now - seen < 1.0 or cid in pending:
+                    continue
+                waiting[cid] = now
+                status = self._status(cid)
+                if status.state.finished and not status.interrupted:
+                    waiting.pop(cid)
+                    self._report(cid, status, "(by another launcher)")
+                elif manifest.claim_holder(self.dir(cid), self.opts.stale_after_s) is None:
+                    pending.append(cid)  # its owner is gone: take it over
+
+    def _interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: stop every running cell's process group; workers record CANCELLED."""
+        self._stopping.set()
+        with self._lock:
+            procs = list(self._procs.values())
+        for p in procs:
+            kill_group(p.pid, signal.SIGTERM)
+        deadline = time.time() + KILL_GRACE_S
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(p.pid, signal.SIGKILL)
+        # The worker threads now see their processes end and write CANCELLED (interrupted).
+        self._pool.shutdown(wait=True)
+
+    def _finish(self) -> int:
+        for cid in self.statuses:
+            self.statuses[cid] = self._status(cid)
+        self.console.summary(self.records, self.statuses, self.sweep_dir)
+        return 0 if all(s.state == CellState.DONE for s in self.statuses.values()) else 1
+
+    def _dry_run(self, selected: list[str]) -> int:
+        chosen = set(selected)
+        rows = []
+        for r in self.records:
+            s = self.statuses[r.id]
+            label = self.console.labels.get(r.id, "")
+            if r.role == "baseline":
+                label = f"[baseline] {label}".rstrip()
+            rows.append([r.id, label or "-", s.state.value, "yes" if r.id in chosen else "no"])
+        self.console.say(table(rows, ["cell", "overrides", "state", "would run"]))
+        self.console.say(f"\ndry run: {len(selected)} of {len(self.records)} cells would run "
+                         f"(hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
+        return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any) -> int:
+    """Backend entry point used by :mod:`launcher.plugin`: run the plan's cells, return the exit code."""
+    return LocalRunner(sweep_dir, records, LocalOptions.from_config(launcher_cfg)).run()
