@@ -1,0 +1,349 @@
+"""The Slurm backend: submit the cells that need to run as job arrays through submitit, and return.
+
+``python -m launcher -m hydra/launcher=slurm …`` plans the cells like the local launcher, then
+:func:`run` here:
+
+1. reads every cell's state (its ``status.json`` refreshed from ``squeue``/``sacct``,
+   :mod:`launcher.slurm_state`) and selects the cells ``hydra.launcher.rerun`` asks for;
+2. claims each selected cell (the manifest's exclusive claim files: of two launchers issued at once,
+   one gets each cell) and, under the claim, skips a cell that is DONE or whose latest job is still
+   queued or running — never a second copy of a live job;
+3. submits the rest as job arrays, chunked below the cluster's ``MaxArraySize``, each with
+   ``%array_parallelism``; each task runs :class:`launcher.slurm_job.CellJob` on its node;
+4. writes each cell's ``slurm.json`` (job id, log files) and a PENDING ``status.json`` naming the job,
+   releases the claims (the job claims the cell when it starts), prints the job ids and returns.
+
+Nothing stays alive on the login node. ``python -m launcher.status SWEEP_DIR`` shows what Slurm says.
+The options are :class:`SlurmOptions` (``hydra.launcher.*``, profiles in ``conf/hydra/launcher/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from launcher import manifest
+from launcher.local import Rerun
+from launcher.manifest import CellRecord, CellState, CellStatus, Claim, Owner
+from launcher.slurm_state import LIVE, SlurmRecord, job_states, read_record, refresh_status, write_record
+
+__all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refresh_status",
+           "sbatch_parameters", "sbatch_script", "max_array_size"]
+
+SUBMITIT_DIR = "slurm"  # SWEEP_DIR/slurm: submitit's sbatch scripts, pickles and per-job logs
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default when `scontrol show config` cannot be read
+
+
+@dataclass
+class SlurmOptions:
+    """``hydra.launcher.*`` of ``hydra/launcher=slurm`` / ``slurm_v100`` (see conf/hydra/launcher/slurm.yaml).
+
+    Resources are per cell: each array task is one cell on one node.
+    """
+
+    rerun: str = "not_done"  # not_done | failed (FAILED/TIMEOUT/CANCELLED only) | all (force)
+    dry_run: bool = False  # list the cells, which would be submitted, and the sbatch script
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    timeout_min: int = 60  # --time of each cell's job
+    cpus_per_task: int = 2
+    mem_gb: Optional[float] = None
+    gpus_per_node: Optional[int] = None
+    gres: Optional[str] = None  # e.g. "gpu:v100:1"
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    job_name: str = "proxyattention"
+    array_parallelism: int = 64  # at most this many tasks of one array run at once (`%N`)
+    max_array_size: Optional[int] = None  # null: the cluster's MaxArraySize (scontrol show config)
+    requeue: bool = True  # at the time limit or preemption: checkpoint, requeue, resume
+    max_requeues: int = 3  # time-limit requeues per job before the cell is TIMEOUT
+    signal_delay_s: int = 120  # Slurm warns the job this long before its time limit (SIGUSR2)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the cell, e.g. module load
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+    srun_args: List[str] = field(default_factory=list)
+    python: Optional[str] = None  # interpreter on the nodes; null: the one running the launcher
+    heartbeat_s: float = 30.0
+    stale_after_s: float = manifest.DEFAULT_STALE_AFTER_S
+    claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SlurmOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for k in cfg:
+            if k in names:
+                v = cfg[k]
+                if hasattr(v, "items"):
+                    v = {str(a): b for a, b in v.items()}
+                elif isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig":
+                    v = [str(x) for x in v]
+                kw[k] = v
+        opts = cls(**kw)
+        try:
+            Rerun(opts.rerun)
+        except ValueError:
+            raise ValueError(f"hydra.launcher.rerun={opts.rerun!r} is not allowed; choose one of: "
+                             f"{', '.join(r.value for r in Rerun)}") from None
+        for name in ("timeout_min", "cpus_per_task", "array_parallelism"):
+            if getattr(opts, name) < 1:
+                raise ValueError(f"hydra.launcher.{name}={getattr(opts, name)} must be >= 1")
+        if opts.max_array_size is not None and opts.max_array_size < 1:
+            raise ValueError(f"hydra.launcher.max_array_size={opts.max_array_size} must be >= 1 (or null)")
+        if opts.signal_delay_s >= 60 * opts.timeout_min:
+            raise ValueError(f"hydra.launcher.signal_delay_s={opts.signal_delay_s} must be shorter than the "
+                             f"time limit ({opts.timeout_min} min)")
+        return opts
+
+
+@dataclass
+class SlurmLauncherConf(SlurmOptions):
+    """The Hydra schema of ``hydra/launcher=slurm`` (typos in ``hydra.launcher.*`` are errors)."""
+
+    _target_: str = "hydra_plugins.proxyattention_launcher.SlurmLauncher"
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmLauncherConf,
+                                 provider="proxyattention")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sbatch
+
+
+def sbatch_parameters(opts: SlurmOptions) -> dict:
+    """The parameters of submitit's ``SlurmExecutor.update_parameters`` for one cell's job."""
+    params: dict[str, Any] = {
+        "job_name": opts.job_name,
+        "time": int(opts.timeout_min),
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "cpus_per_task": int(opts.cpus_per_task),
+        "signal_delay_s": int(opts.signal_delay_s),
+        "array_parallelism": int(opts.array_parallelism),
+    }
+    optional = {"partition": opts.partition, "account": opts.account, "qos": opts.qos, "gres": opts.gres,
+                "gpus_per_node": opts.gpus_per_node, "constraint": opts.constraint, "exclude": opts.exclude}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if opts.mem_gb is not None:
+        mem = float(opts.mem_gb)
+        params["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
+    # The cell's threads follow its CPUs (torch would otherwise use every core of a shared node).
+    setup = [f"export OMP_NUM_THREADS={int(opts.cpus_per_task)} MKL_NUM_THREADS={int(opts.cpus_per_task)}"]
+    params["setup"] = setup + list(opts.setup)
+    extra = dict(opts.additional_parameters)
+    if opts.requeue:
+        extra.setdefault("requeue", True)  # allowed to be requeued even where JobRequeue=0
+    if extra:
+        params["additional_parameters"] = extra
+    if opts.srun_args:
+        params["srun_args"] = list(opts.srun_args)
+    return params
+
+
+def sbatch_script(opts: SlurmOptions, folder: Path, map_count: Optional[int] = None,
+                  python: str = "python") -> str:
+    """The sbatch script submitit writes for these options (an array of ``map_count`` cells)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{python} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **sbatch_parameters(opts))
+
+
+def max_array_size() -> int:
+    """The cluster's ``MaxArraySize`` (an array holds at most this many tasks, indices 0..N-1)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_MAX_ARRAY_SIZE
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(m.group(1)) if m else DEFAULT_MAX_ARRAY_SIZE
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The submitter
+
+
+class SubmissionError(RuntimeError):
+    """sbatch refused the job; the message has its reason and what to change."""
+
+
+class SlurmSubmitter:
+    """Decide which cells to submit, submit them as arrays, record the jobs; return an exit code."""
+
+    def __init__(self, sweep_dir: Path, records: list[CellRecord], opts: SlurmOptions, console: Any = None) -> None:
+        from launcher.console import Console
+
+        self.sweep_dir = Path(sweep_dir)
+        self.records = records
+        self.opts = opts
+        self.rerun = Rerun(opts.rerun)
+        self.console = console or Console(records)
+        self.owner = Owner.this_process(backend="slurm")
+        self.folder = self.sweep_dir / SUBMITIT_DIR
+
+    def dir(self, cid: str) -> Path:
+        return manifest.cell_dir(self.sweep_dir, cid)
+
+    def statuses(self, ids: list[str]) -> dict[str, CellStatus]:
+        raw = {cid: manifest.effective_status(manifest.read_status(self.dir(cid)), self.opts.stale_after_s)
+               for cid in ids}
+        return refresh_status(self.sweep_dir, raw)
+
+    def run(self) -> int:
+        ids = [r.id for r in self.records]
+        statuses = self.statuses(ids)
+        selected = [cid for cid in ids if self.rerun.wants(statuses[cid].state)]
+        if self.opts.dry_run:
+            return self._dry_run(statuses, selected)
+        if not selected:
+            if all(s.state == CellState.DONE for s in statuses.values()):
+                self.console.say(f"All {len(ids)} cells are DONE; nothing to submit. Sweep folder: {self.sweep_dir}")
+            else:
+                self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to submit. "
+                                 f"Sweep folder: {self.sweep_dir}")
+            return 0
+        claims = self._claim(selected)
+        try:
+            jobs = self._submit(claims) if claims else {}
+        finally:
+            for claim in claims.values():
+                claim.release()
+        return self._report(ids, selected, jobs)
+
+    def _claim(self, selected: list[str]) -> dict[str, Claim]:
+        """Claim the cells to submit; drop those another launcher holds or whose job is live."""
+        claims: dict[str, Claim] = {}
+        for cid in selected:
+            claim = manifest.try_claim(self.dir(cid), self.owner, self.opts.stale_after_s)
+            if claim is None:
+                holder = manifest.claim_holder(self.dir(cid), self.opts.stale_after_s)
+                who = f"job {holder.job_id}" if holder and holder.job_id else "another launcher"
+                self.console.cell(cid, CellState.RUNNING, f"(held by {who}; not submitted)")
+                continue
+            claims[cid] = claim
+        # Under the claims, look again: another launcher may have submitted or finished them meanwhile.
+        fresh = self.statuses(list(claims))
+        live = job_states(r.job_id for r in (read_record(self.dir(c)) for c in claims) if r is not None)
+        for cid in list(claims):
+            s = fresh[cid]
+            rec = read_record(self.dir(cid))
+            job_live = rec is not None and live.get(rec.job_id) in LIVE
+            if job_live or not self.rerun.wants(s.state):
+                claims.pop(cid).release()
+                why = f"already queued as job {rec.job_id}" if job_live and rec else s.state.value
+                self.console.cell(cid, s.state, f"({why}; not submitted)")
+        return claims
+
+    def _executor(self) -> Any:
+        import shlex
+        import sys
+
+        from submitit import SlurmExecutor
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        python = self.opts.python or shlex.quote(sys.executable)
+        ex = SlurmExecutor(folder=self.folder, max_num_timeout=self.opts.max_requeues, python=python)
+        ex.update_parameters(**sbatch_parameters(self.opts))
+        return ex
+
+    def _submit(self, claims: dict[str, Claim]) -> dict[str, str]:
+        """Submit the claimed cells; return ``{cell_id: job_id}``. Called while holding their claims."""
+        from launcher.slurm_job import CellJob
+
+        ex = self._executor()
+        if self.rerun is Rerun.ALL:
+            for cid in claims:
+                moved = manifest.move_aside(self.dir(cid))
+                if moved is not None:
+                    self.console.say(f"          {cid}  earlier results moved to {moved}")
+        size = self.opts.max_array_size or max_array_size()
+        ids = list(claims)
+        jobs: dict[str, str] = {}
+        for part in chunks(ids, size):
+            tasks = [CellJob(cell_dir=str(self.dir(cid).resolve()), requeue=self.opts.requeue,
+                             heartbeat_s=self.opts.heartbeat_s, claim_wait_s=self.opts.claim_wait_s,
+                             python=self.opts.python or "") for cid in part]
+            try:
+                with ex.batch():
+                    submitted = [ex.submit(t) for t in tasks]
+            except Exception as e:  # submitit raises its own errors with sbatch's message
+                if jobs:
+                    self.console.say(f"warning: {len(jobs)} cells were submitted before this failure")
+                raise SubmissionError(
+                    f"sbatch refused the array of {len(part)} cells: {e}\n"
+                    f"Check hydra.launcher.partition/account/qos/gres (the script is in {self.folder}); "
+                    "`sinfo` lists partitions.") from e
+            now = time.time()
+            for cid, job in zip(part, submitted):
+                self._record(cid, job, now)
+                jobs[cid] = job.job_id
+        return jobs
+
+    def _record(self, cid: str, job: Any, now: float) -> None:
+        """Write ``slurm.json`` and a PENDING ``status.json`` naming the job (we hold the claim)."""
+        cell = self.dir(cid)
+        old = read_record(cell)
+        previous = (old.previous_jobs + [old.job_id]) if old is not None else []
+        write_record(cell, SlurmRecord(job_id=job.job_id, submitted=now, submitter=f"{manifest.HOST}:{self.owner.pid}",
+                                       stdout=str(job.paths.stdout).replace("%t", "0"),
+                                       stderr=str(job.paths.stderr).replace("%t", "0"),
+                                       previous_jobs=previous[-20:]))
+        status = manifest.read_status(cell)
+        manifest.write_status(cell, dataclasses.replace(
+            status, state=CellState.PENDING, backend="slurm", job_id=job.job_id, host=None, owner_pid=None,
+            owner_start=None, pid=None, started=None, heartbeat=now, ended=None, duration_s=None,
+            exit_code=None, error=None, interrupted=False, metrics={}))
+
+    def _report(self, ids: list[str], selected: list[str], jobs: dict[str, str]) -> int:
+        for cid, jid in jobs.items():
+            self.console.cell(cid, CellState.PENDING, f"(submitted as job {jid})")
+        arrays: dict[str, list[str]] = {}
+        for jid in jobs.values():
+            a, _, task = jid.partition("_")
+            arrays.setdefault(a, []).append(task or "-")
+        listing = ", ".join(f"{a} ({len(t)} cell{'s' if len(t) > 1 else ''})" for a, t in arrays.items()) or "none"
+        self.console.say(
+            f"submitted {len(jobs)} of {len(ids)} cells to Slurm; job arrays: {listing}\n"
+            f"sweep folder: {self.sweep_dir}\n"
+            f"watch: python -m launcher.status {self.sweep_dir}   (Slurm logs: {self.folder})")
+        return 0
+
+    def _dry_run(self, statuses: dict[str, CellStatus], selected: list[str]) -> int:
+        from launcher.console import table
+
+        chosen = set(selected)
+        rows = []
+        for r in self.records:
+            s = statuses[r.id]
+            label = self.console.labels.get(r.id, "")
+            if r.role == "baseline":
+                label = f"[baseline] {label}".rstrip()
+            rows.append([r.id, label or "-", s.state.value, s.job_id or "-", "yes" if r.id in chosen else "no"])
+        self.console.say(table(rows, ["cell", "overrides", "state", "slurm job", "would submit"]))
+        script = sbatch_script(self.opts, self.folder, map_count=len(selected) or None)
+        self.console.say(f"\nsbatch script (per array):\n{script}")
+        self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
+                         f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
+        return 0
+
+
+def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any) -> int:
+    """Backend entry point used by :mod:`launcher.plugin`: submit, print the job ids, return at once."""
+    try:
+        return SlurmSubmitter(sweep_dir, records, SlurmOptions.from_config(launcher_cfg)).run()
+    except SubmissionError as e:
+        print(f"error: {e}", flush=True)
+        return 1

@@ -1,0 +1,268 @@
+"""What one Slurm array task runs: one cell, in a subprocess, as the owner of the cell's status file.
+
+submitit pickles a :class:`CellJob` (a cell folder and two settings, nothing heavy) and calls it on the
+node. The job claims the cell (the submitter releases its own short claim right after ``sbatch``, so the
+job may wait a moment), writes ``status.json`` RUNNING with its Slurm job id, runs
+``python -m proxyattention.cell CELL_DIR`` with its output appended to the cell's ``stdout.log`` /
+``stderr.log`` (the same files a local cell writes), heartbeats, and writes the final state. While it
+runs, the job is the only writer of ``status.json``.
+
+Why a subprocess: the trial's Python failure must end the Slurm job FAILED, never COMPLETED, and a
+crash in torch must not take the status writer with it. A cell that does not end DONE makes this
+function raise, so submitit exits non-zero and ``sacct`` says FAILED (or CANCELLED / TIMEOUT when Slurm
+stopped it).
+
+Time limit and preemption: Slurm sends ``SIGUSR2`` ``signal_delay_s`` before the limit (submitit's
+``--signal``). The cell process ignores it (it would otherwise die of it); this job then
+- with requeue on: interrupts the cell (SIGINT: the trial stops and keeps its last epoch checkpoint),
+  records the interruption, releases the claim and lets submitit requeue the job (``checkpoint`` below);
+  the requeued run resumes from ``checkpoint.pt``. After ``max_requeues`` requeues the cell is TIMEOUT.
+- with requeue off: lets the cell run on; if Slurm kills it at the limit, the cell is TIMEOUT.
+A cell killed by SIGTERM (``scancel``, preemption without warning) is CANCELLED and resumes on rerun.
+
+This module imports no torch and no submitit at import time: unpickling a job on the node is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable, Optional
+
+from launcher import manifest
+from launcher.manifest import CellState, CellStatus, Claim, Owner
+
+
+class CellFailedError(RuntimeError):
+    """The cell did not end DONE; raised so that the Slurm job ends FAILED. The message is its error tail."""
+
+
+class CellBusyError(RuntimeError):
+    """Another live owner (a second job, a local launcher) holds the cell's claim."""
+
+
+def slurm_job_id() -> Optional[str]:
+    """This job's id as submitit and ``sacct`` name it: ``<array job>_<task>`` for an array task."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _ignore_usr2() -> None:
+    # Runs in the cell process before exec: an ignored signal stays ignored across exec, so Slurm's
+    # warning signal (sent to every process of the job step) does not kill the trial.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@dataclass
+class CellJob:
+    """The function a Slurm array task runs (picklable; holds only paths and settings).
+
+    ``requeue``: checkpoint and requeue at the time-limit/preemption signal (else run until killed).
+    ``claim_wait_s``: how long to wait for the submitter (or a dead run on another host) to let go of
+    the cell's claim. ``stop_grace_s``: how long an interrupted cell gets to stop before SIGKILL.
+    """
+
+    cell_dir: str
+    requeue: bool = True
+    heartbeat_s: float = 30.0
+    claim_wait_s: float = 300.0
+    stop_grace_s: float = 30.0
+    python: str = ""  # the interpreter for the cell; default: the one running this job
+
+    def __post_init__(self) -> None:
+        self._signalled = False
+        self._child: Optional[subprocess.Popen] = None
+
+    def __getstate__(self) -> dict:  # pickle the settings, never a live process
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    # -- submitit's checkpointing protocol -----------------------------------------------------------
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit at the time-limit/preemption signal: resubmit this same cell.
+
+        The cell has already been stopped and its checkpoint is on disk (see :meth:`_interrupted`);
+        returning None tells submitit not to requeue.
+        """
+        if not self.requeue:
+            return None
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(CellJob(**self.__getstate__()), *args, **kwargs)
+
+    # -- the job ----------------------------------------------------------------------------------
+
+    def __call__(self) -> dict:
+        cell = Path(self.cell_dir)
+        job_id = slurm_job_id()
+        owner = Owner.this_process(backend="slurm", job_id=job_id)
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        claim = self._claim(cell, owner)
+        status = manifest.read_status(cell)
+        if status.state == CellState.DONE and manifest.read_result(cell) is not None:
+            claim.release()
+            print(f"cell {cell.name} is already DONE; nothing to do", flush=True)
+            return {"state": CellState.DONE.value, "skipped": True}
+        status = status.started_by(owner)
+        manifest.write_status(cell, status)
+        released = False
+        try:
+            if not self._signalled:
+                status = self._run(cell, claim, status)
+            if self._signalled and self.requeue and status.state == CellState.RUNNING:
+                status = self._interrupted(cell, status, job_id)
+                claim.release()
+                released = True
+                self._requeue_through_submitit(submitit_handler)  # exits (requeued) or raises
+            if status.state == CellState.RUNNING:  # the USR2 came before the child started; requeue off
+                status = status.finished(CellState.TIMEOUT, error="time limit reached before the cell started")
+                manifest.write_status(cell, status)
+        except BaseException as e:
+            if status.state == CellState.RUNNING or (released and _is_uncompleted(e)):
+                status = self._final_for_exception(cell, status, e, released)
+            raise
+        finally:
+            self._stop_child()
+            if not released:
+                claim.release()
+        if status.state != CellState.DONE:
+            raise CellFailedError(f"cell {cell.name} ended {status.state.value}:\n{status.error or ''}")
+        return {"state": status.state.value, "metrics": status.metrics}
+
+    def _on_usr2(self, signum: int, frame: Optional[FrameType]) -> None:
+        # A signal handler must not wait on the child (Popen.wait is not re-entrant): only record the
+        # request and ask the trial to stop; the main loop does the rest.
+        self._signalled = True
+        print(f"caught {signal.Signals(signum).name}: time limit or preemption near", flush=True)
+        if self.requeue and self._child is not None and self._child.poll() is None:
+            try:
+                os.killpg(self._child.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    def _claim(self, cell: Path, owner: Owner) -> Claim:
+        deadline = time.monotonic() + self.claim_wait_s
+        while True:
+            claim = manifest.try_claim(cell, owner)
+            if claim is not None:
+                return claim
+            if time.monotonic() > deadline:
+                holder = manifest.claim_holder(cell)
+                raise CellBusyError(
+                    f"cell {cell} is claimed by {holder} for more than {self.claim_wait_s:.0f} s; "
+                    "another launcher or job is running it. Check `python -m launcher.status` and rerun.")
+            time.sleep(0.5)
+
+    def _run(self, cell: Path, claim: Claim, status: CellStatus) -> CellStatus:
+        """Run the cell process to its end (or to an interruption); return the status written."""
+        cmd = [self.python or sys.executable, "-m", "proxyattention.cell", str(cell)]
+        with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
+            stamp = f"\n=== slurm job {status.job_id} on {status.host}, attempt {status.attempts}, " \
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode()
+            out.write(stamp)
+            err.write(stamp)
+            out.flush()
+            err.flush()
+            self._child = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                           start_new_session=True, preexec_fn=_ignore_usr2)
+        status = dataclasses.replace(status, pid=self._child.pid)
+        manifest.write_status(cell, status)
+        next_beat = time.monotonic() + self.heartbeat_s
+        while True:
+            try:
+                rc = self._child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self._signalled and self.requeue:
+                return status  # the main flow stops the child and requeues
+            if time.monotonic() >= next_beat:
+                claim.heartbeat()
+                status = status.beat()
+                manifest.write_status(cell, status)
+                next_beat = time.monotonic() + self.heartbeat_s
+        if self._signalled and self.requeue:
+            return status
+        state, error, metrics = manifest.cell_outcome(cell, rc)
+        if self._signalled and state == CellState.CANCELLED:
+            # Killed after the time-limit warning with requeue off: Slurm's time limit did it.
+            state, error = CellState.TIMEOUT, "time limit reached (requeue is off); rerun resumes from the checkpoint"
+        status = status.finished(state, exit_code=rc, error=error, metrics=metrics,
+                                 interrupted=state == CellState.CANCELLED)
+        manifest.write_status(cell, status)
+        return status
+
+    def _stop_child(self) -> Optional[int]:
+        """Stop the cell process if it still runs: SIGINT (it keeps its last checkpoint), then SIGKILL."""
+        child = self._child
+        if child is None or child.poll() is not None:
+            return None if child is None else child.returncode
+        try:
+            os.killpg(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        try:
+            return child.wait(timeout=self.stop_grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            return child.wait()
+
+    def _interrupted(self, cell: Path, status: CellStatus, job_id: Optional[str]) -> CellStatus:
+        rc = self._stop_child()
+        status = status.finished(
+            CellState.TIMEOUT, exit_code=rc, interrupted=True,
+            error=f"time limit or preemption: stopped at its last epoch checkpoint and requeued as job "
+                  f"{job_id}; it resumes when the job starts again")
+        manifest.write_status(cell, status)
+        return status
+
+    @staticmethod
+    def _requeue_through_submitit(handler: Any) -> None:
+        # submitit's handler calls self.checkpoint(), dumps the new submission, runs `scontrol requeue`
+        # and exits; or raises UncompletedJobError when the job timed out too often.
+        if callable(handler):
+            handler(signal.SIGUSR2, None)
+        raise CellFailedError("time limit or preemption, and no submitit handler to requeue the job")
+
+    def _final_for_exception(self, cell: Path, status: CellStatus, e: BaseException,
+                             released: bool) -> CellStatus:
+        """The status to leave when the job itself is stopped by an exception (not the cell's outcome)."""
+        if isinstance(e, SystemExit) and released:
+            return status  # submitit requeued the job and exits: the TIMEOUT/interrupted status stays
+        rc = self._stop_child()
+        if _is_uncompleted(e):
+            new = status.finished(CellState.TIMEOUT, exit_code=rc,
+                                  error=f"time limit: not requeued ({e}); rerun resumes from the checkpoint")
+        else:
+            new = status.finished(CellState.FAILED, exit_code=rc,
+                                  error=f"the Slurm job's own code failed: {type(e).__name__}: {e}")
+        if released:
+            # The claim is gone; take it back briefly to write the final word (one writer).
+            claim = manifest.try_claim(cell, Owner.this_process(backend="slurm", job_id=status.job_id))
+            if claim is None:
+                return status
+            try:
+                manifest.write_status(cell, new)
+            finally:
+                claim.release()
+        else:
+            manifest.write_status(cell, new)
+        return new
+
+
+def _is_uncompleted(e: BaseException) -> bool:
+    return type(e).__name__ == "UncompletedJobError"
