@@ -1,0 +1,415 @@
+"""``python -m proxyattention.data prepare|verify``: get a dataset, check it, record its manifest.
+
+- ``prepare NAME [ROOT]`` downloads a torchvision-backed dataset (when online) or finds and unpacks the
+  archive already in ROOT; for folder datasets it says where to get them and how the folder must look.
+  Then it runs ``verify``.
+- ``verify DATASET_OR_PATH`` prints classes, images per class and per split, unreadable files by path,
+  non-image files, folders without images and non-RGB images, and writes the dataset's **manifest**.
+
+The manifest is a small JSON file under ``dataset.cache_dir/manifests`` — never inside the dataset
+folder — with the counts and the content fingerprint. :func:`apply_manifest`, called by
+``load_samples`` in every trial, warns naming the dataset and what changed when the data no longer
+matches it (so a sweep notices a dataset edited under it), and leaves out the files ``verify`` found
+unreadable (with a warning that says how many and where they are listed). The first trial to load a
+dataset without a manifest writes one. Embedded and generated datasets (digits, shapes) have nothing on
+disk to change and get no manifest.
+
+Speed: files are checked by reading their headers (format, mode, size; ``--decode`` also decodes the
+pixels) in a process pool; 100,000 small files take seconds on 2 cores (``bench/verify.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from proxyattention.config import DatasetConfig
+from proxyattention.data import SOURCES, DataError, Samples, _hash, make_split, scan_folder
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+MAX_LISTED = 1000  # paths kept per list in a manifest; counts are always complete
+TORCHVISION_SOURCES = ("cifar100", "caltech101", "places365")
+ROOTLESS_SOURCES = ("digits", "shapes")
+
+# Folder datasets of the thesis: where to get them and which folder dataset.root must name.
+FOLDER_DATASETS: dict[str, tuple[str, str]] = {
+    "stanford_dogs": (
+        "http://vision.stanford.edu/aditya86/ImageNetDogs/ (images.tar, 757 MB)",
+        "root = the extracted Images/ folder: Images/n02085620-Chihuahua/n02085620_10074.jpg … "
+        "(120 class folders)"),
+    "tsinghua_dogs": (
+        "https://cg.cs.tsinghua.edu.cn/ThuDogs/ (low-resolution.zip)",
+        "root = the extracted low-resolution/ folder: low-resolution/<id>-n000001-Shiba_Dog/*.jpg … "
+        "(130 class folders)"),
+    "asl_alphabet": (
+        "https://www.kaggle.com/datasets/grassknoted/asl-alphabet (asl-alphabet.zip)",
+        "root = asl_alphabet_train/asl_alphabet_train/: A/A1.jpg … Z/, del/, nothing/, space/ "
+        "(29 class folders; the zip's asl_alphabet_test/ is not class folders and is not used)"),
+    "plant_disease": (
+        "https://data.mendeley.com/datasets/tywbtsjrjv/1 (Plant_leaf_diseases_dataset_with_augmentation"
+        ".zip)",
+        "root = the extracted Plant_leave_diseases_dataset_with_augmentation/: Apple___Apple_scab/*.JPG … "
+        "(39 class folders, Background_without_leaves included)"),
+    "imagefolder": (
+        "any folder of class sub-folders",
+        "root/<class>/<image> (or root/train/<class>/… + root/test/<class>/… for an official test "
+        "split); class = folder name unless dataset.label_fn=module:function"),
+}
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+def conf_dir() -> Path:
+    """The repository's ``conf/`` (the package is installed editable, next to it)."""
+    here = Path(__file__).resolve().parent.parent / "conf"
+    return here if here.is_dir() else Path.cwd() / "conf"
+
+
+def dataset_names() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))
+
+
+def load_dataset_config(config_name: str, /, **overrides: Any) -> DictConfig:
+    """``conf/dataset/NAME.yaml`` on the DatasetConfig schema, resolved, with ``overrides`` applied."""
+    file = conf_dir() / "dataset" / f"{config_name}.yaml"
+    if not file.is_file():
+        raise DataError(f"no dataset config {config_name!r} in {file.parent}; known: {', '.join(dataset_names())}")
+    raw = OmegaConf.load(file)
+    if "defaults" in raw:
+        del raw["defaults"]
+    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), raw,
+                          {k: v for k, v in overrides.items() if v is not None})
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.to_container(cfg, resolve=True))
+
+
+def config_for(target: str, root: Optional[str] = None, **overrides: Any) -> DictConfig:
+    """A named dataset config, or an ImageFolder config for a path."""
+    if (conf_dir() / "dataset" / f"{target}.yaml").is_file():
+        return load_dataset_config(target, root=root, **overrides)
+    if os.path.isdir(target):
+        path = os.path.abspath(target)
+        return load_dataset_config("imagefolder", name=os.path.basename(path.rstrip(os.sep)) or "imagefolder",
+                                   root=path, **overrides)
+    raise DataError(f"{target!r} is neither a dataset name ({', '.join(dataset_names())}) nor a folder")
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+def manifest_path(cfg: Any) -> Optional[Path]:
+    """Where the manifest of ``cfg``'s dataset lives, keyed by source, root and label function.
+
+    The dataset's name is not in the key, so ``verify PATH`` and ``dataset=imagefolder
+    dataset.root=PATH`` share one manifest. None for embedded/generated sources.
+    """
+    if cfg.source in ROOTLESS_SOURCES or not cfg.root:
+        return None
+    root = os.path.abspath(os.path.expanduser(str(cfg.root)))
+    key = _hash(cfg.source, root, str(cfg.label_fn))[:10]
+    stem = os.path.basename(root.rstrip(os.sep)) or cfg.source
+    return Path(os.path.expanduser(str(cfg.cache_dir))) / "manifests" / f"{stem}-{key}.json"
+
+
+def summarize(samples: Samples) -> dict[str, Any]:
+    counts = np.bincount(samples.labels, minlength=len(samples.classes))
+    official = None if samples.official_test is None else int(samples.official_test.sum())
+    return {"images": len(samples), "classes": {c: int(n) for c, n in zip(samples.classes, counts)},
+            "official_test": official, "fingerprint": samples.fingerprint}
+
+
+def read_manifest(path: Optional[Path]) -> Optional[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return data if data.get("version") == MANIFEST_VERSION else None
+    except (OSError, ValueError):
+        log.warning("dataset manifest %s is unreadable; it will be written again", path)
+        return None
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> None:
+    """Atomic write (temp file + rename): trials of a sweep may write the same manifest at once."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs only the change check
+        log.warning("could not write the dataset manifest %s (%s)", path, e)
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two summaries, in words; empty when nothing did."""
+    changes = []
+    a, b = old["classes"], new["classes"]
+    gone, added = [c for c in a if c not in b], [c for c in b if c not in a]
+    if gone:
+        changes.append(f"{len(gone)} classes gone ({', '.join(gone[:5])}{' …' if len(gone) > 5 else ''})")
+    if added:
+        changes.append(f"{len(added)} classes added ({', '.join(added[:5])}{' …' if len(added) > 5 else ''})")
+    recount = [f"{c} {a[c]}→{b[c]}" for c in a if c in b and a[c] != b[c]]
+    if recount:
+        changes.append(f"{len(recount)} classes changed size ({', '.join(recount[:5])}"
+                       f"{' …' if len(recount) > 5 else ''})")
+    if old["images"] != new["images"]:
+        changes.append(f"images {old['images']}→{new['images']}")
+    if old.get("official_test") != new.get("official_test"):
+        changes.append(f"official test images {old.get('official_test')}→{new.get('official_test')}")
+    if not changes and old["fingerprint"] != new["fingerprint"]:
+        changes.append("same counts but files were replaced, renamed or resized "
+                       f"(fingerprint {old['fingerprint']}→{new['fingerprint']})")
+    return changes
+
+
+def _without(samples: Samples, bad: set[str]) -> Samples:
+    keep = np.array([p not in bad for p in samples.paths], dtype=bool)
+    return Samples(name=samples.name, classes=samples.classes, labels=samples.labels[keep],
+                   paths=[p for p, k in zip(samples.paths, keep) if k],
+                   official_test=None if samples.official_test is None else samples.official_test[keep],
+                   fingerprint=_hash(samples.fingerprint, "without", "\n".join(sorted(bad))))
+
+
+def apply_manifest(samples: Samples, cfg: Any) -> Samples:
+    """Check ``samples`` against the dataset's manifest (see the module doc); write one if missing."""
+    path = manifest_path(cfg)
+    if path is None:
+        return samples
+    summary = summarize(samples)
+    old = read_manifest(path)
+    root = os.path.abspath(os.path.expanduser(str(cfg.root)))
+    if old is None:
+        write_manifest(path, {"version": MANIFEST_VERSION, "dataset": cfg.name, "source": cfg.source,
+                              "root": root, "label_fn": cfg.label_fn, "written_by": "trial",
+                              "written_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary,
+                              "unreadable": [], "checked": False})
+        return samples
+    changes = describe_changes(old, summary)
+    if changes:
+        log.warning(
+            "dataset %s (%s) changed since its manifest was written by %s at %s: %s. Cells run before "
+            "and after this change saw different data. Run `python -m proxyattention.data verify %s%s` "
+            "to check it and record the current state (manifest: %s)",
+            cfg.name, root, old.get("written_by"), old.get("written_at"), "; ".join(changes),
+            cfg.name if cfg.source != "imagefolder" else root,
+            "" if cfg.source == "imagefolder" or not cfg.root else f" --root {root}", path)
+        return samples
+    bad = {u["path"] for u in old.get("unreadable", [])}
+    if bad and samples.paths is not None:
+        n_bad = old.get("unreadable_count", len(bad))
+        if n_bad > len(bad):  # more than a manifest lists: cannot leave them all out
+            log.warning("dataset %s: %d unreadable files, only %d listed in %s; fix the files",
+                        cfg.name, n_bad, len(bad), path)
+        present = bad & set(samples.paths)
+        if present:
+            log.warning("dataset %s: leaving out %d unreadable files that verify listed in %s (first: %s)",
+                        cfg.name, len(present), path, sorted(present)[0])
+            return _without(samples, present)
+    return samples
+
+
+# -------------------------------------------------------------------------------------- file checks
+
+def probe_image(path: str, decode: bool = False) -> tuple[Optional[str], str]:
+    """(mode, "") for a readable image, (None, error) otherwise. Reads the header unless ``decode``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if decode:
+                im.load()
+            elif im.size[0] <= 0 or im.size[1] <= 0:
+                return None, f"empty image size {im.size}"
+            return mode, ""
+    except Exception as e:  # PIL raises many types for bad files; each is reported by path
+        return None, f"{type(e).__name__}: {str(e).strip()[:160]}"
+
+
+def _probe_chunk(args: tuple[list[str], bool]) -> list[tuple[Optional[str], str]]:
+    paths, decode = args
+    return [probe_image(p, decode) for p in paths]
+
+
+def probe_images(paths: Sequence[str], decode: bool = False, workers: Optional[int] = None,
+                 progress: bool = False) -> list[tuple[Optional[str], str]]:
+    """:func:`probe_image` over ``paths``, in a process pool when there are many."""
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(paths) < 2000:
+        return [probe_image(p, decode) for p in paths]
+    chunk = 1000
+    chunks = [(list(paths[i:i + chunk]), decode) for i in range(0, len(paths), chunk)]
+    out: list[tuple[Optional[str], str]] = []
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")  # fork: no re-import per worker
+    with ctx.Pool(workers) as pool:
+        it = pool.imap(_probe_chunk, chunks)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(chunks), desc="checking images", unit_scale=chunk, leave=False,
+                      file=sys.stderr)
+        for part in it:
+            out.extend(part)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+def verify(cfg: Any, seed: int = 0, decode: bool = False, workers: Optional[int] = None,
+           out=None, progress: bool = True, per_class: bool = True) -> dict[str, Any]:
+    """Check the dataset of ``cfg``, print what was found, write its manifest; return the report."""
+    out = out or sys.stdout
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    samples = SOURCES[cfg.source](cfg)
+    summary = summarize(samples)
+    root = os.path.abspath(os.path.expanduser(str(cfg.root))) if cfg.root else None
+    p(f"dataset {cfg.name} (source {cfg.source}{', root ' + root if root else ''})")
+    p(f"  {len(samples.classes)} classes, {len(samples)} images; official test split: "
+      + (f"{summary['official_test']} images" if samples.official_test is not None else "no"))
+
+    train, val, test = make_split(samples.labels, seed, cfg.val_fraction, cfg.test_fraction,
+                                  samples.official_test)
+    p(f"  per split (seed {seed}, val_fraction {cfg.val_fraction}"
+      + ("" if samples.official_test is not None else f", test_fraction {cfg.test_fraction}")
+      + f"): train {len(train)} / val {len(val)} / test {len(test)}")
+    if per_class:
+        width = max([5] + [len(c) for c in samples.classes])
+        p(f"  {'class':<{width}}  {'images':>7} {'train':>7} {'val':>6} {'test':>6}")
+        counts = [np.bincount(samples.labels[s], minlength=len(samples.classes)) for s in
+                  (np.arange(len(samples)), train, val, test)]
+        for i, c in enumerate(samples.classes):
+            p(f"  {c:<{width}}  {counts[0][i]:>7} {counts[1][i]:>7} {counts[2][i]:>6} {counts[3][i]:>6}")
+
+    report: dict[str, Any] = {"unreadable": [], "non_rgb": {}, "non_image_files": [], "empty_dirs": []}
+    if samples.paths is not None:
+        if cfg.source == "imagefolder":
+            scans = [scan_folder(os.path.join(root, s)) for s in ("train", "test")] \
+                if samples.official_test is not None else [scan_folder(root)]
+            report["non_image_files"] = [f for s in scans for f in s.skipped]
+            report["empty_dirs"] = [d for s in scans for d in s.empty_dirs]
+        t0 = time.perf_counter()
+        results = probe_images(samples.paths, decode=decode, workers=workers, progress=progress)
+        by_mode: dict[str, list[str]] = {}
+        for path, (mode, err) in zip(samples.paths, results):
+            if mode is None:
+                report["unreadable"].append({"path": path, "error": err})
+            elif mode != "RGB":
+                by_mode.setdefault(mode, []).append(path)
+        report["non_rgb"] = by_mode
+        p(f"  checked {len(samples.paths)} files ({'decoded' if decode else 'headers'}) in "
+          f"{time.perf_counter() - t0:.1f} s")
+        _print_list(p, "non-image files (skipped, not part of the dataset)", report["non_image_files"])
+        _print_list(p, "folders without images (no class; add images or remove them)", report["empty_dirs"])
+        n_nonrgb = sum(len(v) for v in by_mode.values())
+        p(f"  non-RGB images (converted to RGB when loaded; alpha composited on black): {n_nonrgb}")
+        for mode, paths in sorted(by_mode.items()):
+            p(f"    mode {mode}: {len(paths)}")
+            for x in paths[:20]:
+                p(f"      {x}")
+            if len(paths) > 20:
+                p(f"      … {len(paths) - 20} more (listed in the manifest)")
+        p(f"  unreadable images (left out of every trial until fixed): {len(report['unreadable'])}")
+        for u in report["unreadable"]:
+            p(f"    {u['path']}: {u['error']}")
+    else:
+        p("  images are decoded arrays (no files to check)")
+
+    path = manifest_path(cfg)
+    if path is not None:
+        write_manifest(path, {
+            "version": MANIFEST_VERSION, "dataset": cfg.name, "source": cfg.source, "root": root,
+            "label_fn": cfg.label_fn, "written_by": "verify", "written_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **summary, "checked": samples.paths is not None, "decoded": decode,
+            "unreadable": report["unreadable"][:MAX_LISTED], "unreadable_count": len(report["unreadable"]),
+            "non_rgb": {m: {"count": len(v), "paths": v[:MAX_LISTED]} for m, v in report["non_rgb"].items()},
+            "non_image_files": report["non_image_files"][:MAX_LISTED],
+            "non_image_file_count": len(report["non_image_files"]),
+            "empty_dirs": report["empty_dirs"][:MAX_LISTED],
+            "split": {"seed": seed, "train": len(train), "val": len(val), "test": len(test)}})
+        p(f"  manifest: {path} (fingerprint {samples.fingerprint})")
+    else:
+        p(f"  fingerprint {samples.fingerprint} (embedded/generated data: no manifest)")
+    report.update(summary=summary, split={"train": len(train), "val": len(val), "test": len(test)},
+                  manifest=str(path) if path else None)
+    return report
+
+
+def _print_list(p, title: str, items: list[str], limit: int = 20) -> None:
+    p(f"  {title}: {len(items)}")
+    for x in items[:limit]:
+        p(f"    {x}")
+    if len(items) > limit:
+        p(f"    … {len(items) - limit} more (listed in the manifest)")
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+def prepare(name: str, root: Optional[str] = None, download: bool = True, cache_dir: Optional[str] = None,
+            **verify_kw: Any) -> int:
+    """Get dataset ``name`` into ``root`` (or its configured root), then verify it. Returns an exit code."""
+    cfg = load_dataset_config(name, root=root, cache_dir=cache_dir)
+    if cfg.source in TORCHVISION_SOURCES:
+        cfg.download = download
+        if cfg.root:
+            os.makedirs(os.path.expanduser(cfg.root), exist_ok=True)
+        print(f"{name}: {'downloading or finding' if download else 'finding'} the data in {cfg.root}")
+        SOURCES[cfg.source](cfg)  # torchvision's loader downloads/extracts; errors say what to do
+        cfg.download = False
+    elif cfg.source == "imagefolder":
+        where, layout = FOLDER_DATASETS.get(name, FOLDER_DATASETS["imagefolder"])
+        if not cfg.root or not os.path.isdir(os.path.expanduser(str(cfg.root))):
+            print(f"{name} is a folder dataset with no download here.\n  get it from: {where}\n"
+                  f"  layout: {layout}\n  then: python -m proxyattention.data prepare {name} ROOT "
+                  f"(or verify it), and train with dataset={name} dataset.root=ROOT")
+            return 1
+    verify(cfg, **verify_kw)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxyattention.data",
+                                     description="Prepare and verify datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", help="where manifests go (default: dataset.cache_dir)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the split whose sizes are shown")
+    common.add_argument("--workers", type=int, default=None, help="processes for file checks (all cores)")
+    common.add_argument("--decode", action="store_true", help="decode every image, not just its header")
+    common.add_argument("--no-per-class", action="store_true", help="skip the per-class table")
+    pp = sub.add_parser("prepare", parents=[common], help="download or find a dataset, then verify it")
+    pp.add_argument("name", help="a dataset config name: " + ", ".join(dataset_names()))
+    pp.add_argument("root", nargs="?", help="where the data goes (default: the config's dataset.root)")
+    pp.add_argument("--no-download", action="store_true", help="only look for data already in ROOT")
+    pv = sub.add_parser("verify", parents=[common], help="check a dataset and write its manifest")
+    pv.add_argument("target", metavar="DATASET_OR_PATH")
+    pv.add_argument("--root", help="dataset.root for a named dataset")
+    pv.add_argument("--strict", action="store_true", help="exit 1 when unreadable files are found")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    kw = dict(seed=args.seed, decode=args.decode, workers=args.workers, per_class=not args.no_per_class)
+    try:
+        if args.command == "prepare":
+            return prepare(args.name, args.root, download=not args.no_download, cache_dir=args.cache_dir,
+                           **kw)
+        cfg = config_for(args.target, root=args.root, cache_dir=args.cache_dir)
+        report = verify(cfg, **kw)
+        return 1 if args.strict and report["unreadable"] else 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
