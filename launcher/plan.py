@@ -390,9 +390,8 @@ def fingerprint(config_dirs: Sequence[Path]) -> str:
     """A hash of everything besides the overrides that a job's composed config depends on.
 
     The YAML files of the config folders, the trial schema and schedule code, this planner, and
-    Hydra's version. Same fingerprint and same jobs: the recorded plan still holds, so re-issuing a
-    big sweep skips composing it again. (A config reading environment variables through
-    ``${oc.env:…}`` in a non-volatile key is the exception: such a value is read at planning time.)
+    Hydra's version, and the environment variables the YAML files read (``${oc.env:NAME}``). Same fingerprint and same jobs: the recorded plan still holds, so re-issuing a
+    big sweep skips composing it again.
     """
     import hydra
 
@@ -404,13 +403,17 @@ def fingerprint(config_dirs: Sequence[Path]) -> str:
     for d in config_dirs:
         if Path(d).is_dir():
             files += sorted(p for p in Path(d).rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    env_names: set[str] = set()
     for f in files:
         h.update(str(f).encode() + b"\0")
         try:
-            h.update(f.read_bytes())
+            data = f.read_bytes()
         except OSError:
-            pass
-        h.update(b"\0")
+            data = b""
+        h.update(data + b"\0")
+        env_names.update(m.decode() for m in re.findall(rb"oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)", data))
+    for name in sorted(env_names):  # e.g. dataset roots under ${oc.env:PROXYATTENTION_DATA,...}
+        h.update(f"{name}={os.environ.get(name)}\0".encode())
     return h.hexdigest()[:16]
 
 

@@ -46,3 +46,9 @@ class SavedSweeps(SearchPathPlugin):
 
 _plugin.register_configs()
 _plugin.register_resolvers()
+try:  # the Slurm backend's schema (hydra/launcher=slurm); light: submitit is imported on submit only
+    from launcher import slurm as _slurm
+except ImportError:
+    _slurm = None
+if _slurm is not None:
+    _slurm.register_configs()
