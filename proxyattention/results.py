@@ -1,0 +1,629 @@
+"""A sweep folder as one pandas table, paired proxy − baseline statistics, and the report's tables.
+
+``load_results(SWEEP_DIR)`` reads every ``cells/*/config.yaml`` (finished or not) with the cell's
+``status.json`` / ``result.json`` / ``error.json`` into one row per cell: every config key flattened
+(``proxy.threshold``), every final metric (``test/acc``, ``explain/ad``), ``state``, paths, and the id of
+the paired baseline (``baseline_id``: :func:`proxyattention.config.baseline_of` → ``cell_id``).
+
+Statistics are paired: a proxy cell is compared with the baseline of the same seed (same split, initial
+weights, data order and epochs), and a 95% Student-t interval is given over seeds. Nothing here imports
+torch; only the TensorBoard check imports tensorboard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from proxyattention import config as trial_config
+from proxyattention.schedule import parse_schedule
+
+log = logging.getLogger(__name__)
+
+STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "TIMEOUT", "CANCELLED")
+PROXY_PARAMS = ("proxy.schedule", "proxy.threshold", "proxy.weight", "proxy.subset", "proxy.mode",
+                "proxy.target", "proxy.clear_every_step", "method.name")
+# Metric → True when higher is better (the explainability metrics' directions are in explain.py).
+METRIC_DIRECTIONS = {"test/acc": True, "val/acc_best": True, "explain/ad": False, "explain/ai": True,
+                     "explain/ag": True, "explain/insertion": True, "explain/deletion": False,
+                     "explain/pointing": True}
+EXPLAIN_METRICS = ("explain/ad", "explain/ai", "explain/ag", "explain/insertion", "explain/deletion",
+                   "explain/pointing")
+MIN_SEEDS = 3
+
+try:
+    _YAML_LOADER: Any = yaml.CSafeLoader
+except AttributeError:  # PyYAML built without libyaml
+    _YAML_LOADER = yaml.SafeLoader
+
+
+class ResultsError(RuntimeError):
+    """A sweep folder that cannot be read; the message names the path."""
+
+
+# ------------------------------------------------------------------------------------ cell identity
+
+@lru_cache(maxsize=1)
+def _schema_defaults() -> dict[str, dict[str, Any]]:
+    return {g: dataclasses.asdict(s()) for g, s in trial_config.GROUP_SCHEMAS.items()}
+
+
+@lru_cache(maxsize=1)
+def _float_fields() -> frozenset[str]:
+    return frozenset(f"{g}.{f.name}" for g, s in trial_config.GROUP_SCHEMAS.items()
+                     for f in dataclasses.fields(s) if f.type in ("float", float))
+
+
+def _complete(plain: dict) -> dict[str, dict[str, Any]]:
+    """A config snapshot with the schema's defaults filled in and ints in float fields made floats."""
+    out = {}
+    floats = _float_fields()
+    for group, defaults in _schema_defaults().items():
+        sect = dict(defaults)
+        sect.update(plain.get(group) or {})
+        for k, v in sect.items():
+            if f"{group}.{k}" in floats and isinstance(v, int) and not isinstance(v, bool):
+                sect[k] = float(v)
+        out[group] = sect
+    return out
+
+
+def _fast_canonical(full: dict[str, dict[str, Any]]) -> dict:
+    """:func:`proxyattention.config.canonical` on an already valid, complete snapshot, without OmegaConf.
+
+    OmegaConf's structured merge costs tens of milliseconds a cell; a 1,000-cell report cannot pay that
+    four times a cell. :func:`ids_for` checks this against the real function on every load.
+    """
+    c = {g: dict(v) for g, v in full.items()}
+    if not c["proxy"]["enabled"] or not parse_schedule(c["proxy"]["schedule"]).has_proxy:
+        c["proxy"] = dataclasses.asdict(trial_config.ProxyConfig(
+            enabled=False, schedule=parse_schedule(c["proxy"]["schedule"]).baseline.text))
+        c["method"] = dataclasses.asdict(trial_config.MethodConfig())
+    for key in trial_config.VOLATILE_KEYS:
+        group, name = key.split(".")
+        c[group].pop(name, None)
+    return c
+
+
+def _hash(canon: dict) -> str:
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _fast_baseline(full: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    b = {g: dict(v) for g, v in full.items()}
+    b["proxy"]["enabled"] = False
+    b["proxy"]["schedule"] = parse_schedule(b["proxy"]["schedule"]).baseline.text
+    return b
+
+
+def ids_for(full: dict[str, dict[str, Any]]) -> tuple[str, str, Optional[str]]:
+    """(cell id, configuration id (the cell id without the seed), paired baseline id or None)."""
+    canon = _fast_canonical(full)
+    cid = _hash(canon)
+    no_seed = {g: dict(v) for g, v in canon.items()}
+    no_seed["train"].pop("seed", None)
+    config_id = _hash(no_seed)
+    if not canon["proxy"]["enabled"]:
+        return cid, config_id, None
+    return cid, config_id, _hash(_fast_canonical(_fast_baseline(full)))
+
+
+def _check_fast_ids(snapshots: Sequence[dict], fast: Sequence[tuple[str, str, Optional[str]]]) -> bool:
+    """Whether the fast ids equal ``config.cell_id`` / ``cell_id(baseline_of(...))`` on a few cells."""
+    from omegaconf import OmegaConf
+
+    picks = list(range(min(2, len(snapshots))))
+    proxies = [i for i, f in enumerate(fast) if f[2] is not None]
+    picks += proxies[:1]
+    for i in picks:
+        cfg = OmegaConf.create(snapshots[i])
+        if trial_config.cell_id(cfg) != fast[i][0]:
+            return False
+        if fast[i][2] is not None and trial_config.cell_id(trial_config.baseline_of(cfg)) != fast[i][2]:
+            return False
+    return True
+
+
+def _exact_ids(snapshot: dict) -> tuple[str, str, Optional[str]]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(snapshot)
+    canon = trial_config.canonical(cfg)
+    no_seed = json.loads(json.dumps(canon))
+    no_seed["train"].pop("seed", None)
+    base = None if trial_config.is_baseline(trial_config.to_trial_config(cfg)) else \
+        trial_config.cell_id(trial_config.baseline_of(cfg))
+    return trial_config.cell_id(cfg), _hash(no_seed), base
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path, "rb") as f:
+            d = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _plans(sweep: Path) -> dict[str, dict]:
+    """Cell id → its record in the launcher's ``plans/*.json`` (overrides, role), where there are plans."""
+    out: dict[str, dict] = {}
+    plan_dir = sweep / "plans"
+    if not plan_dir.is_dir():
+        return out
+    for path in sorted(plan_dir.glob("*.json")):
+        for c in (_read_json(path) or {}).get("cells", []):
+            if isinstance(c, dict) and "id" in c:
+                out.setdefault(c["id"], c)
+    return out
+
+
+def _first_line(text: Optional[str], limit: int = 160) -> str:
+    if not text:
+        return ""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _cell_row(cell: Path, snapshot: dict, now: float) -> dict[str, Any]:
+    status = _read_json(cell / "status.json")
+    result = _read_json(cell / "result.json")
+    error = _read_json(cell / "error.json")
+    done = result is not None and result.get("status") == "done"
+    if status is not None:
+        state = str(status.get("state", "PENDING"))
+    elif done:
+        state = "DONE"  # a cell run by hand (python -m proxyattention.cell), no launcher status
+    elif error is not None:
+        state = "FAILED"
+    else:
+        state = "PENDING"
+    row: dict[str, Any] = {"state": state, "dir": str(cell)}
+    problem = ""
+    if state == "DONE" and not done:
+        problem = "status DONE but result.json is missing or unfinished"
+    if status is not None:
+        row["attempts"] = status.get("attempts")
+        row["duration_s"] = status.get("duration_s")
+        hb = status.get("heartbeat")
+        row["heartbeat_age_s"] = (now - hb) if (state == "RUNNING" and hb) else np.nan
+        if status.get("error"):
+            row["error"] = _first_line(status.get("error"))
+    if "error" not in row and error is not None and state != "DONE":
+        row["error"] = _first_line(f"{error.get('type', 'Error')}: {error.get('error', '')}")
+    row["problem"] = problem
+    if done:
+        for k, v in (result.get("metrics") or {}).items():
+            row[k] = v
+        for k, v in (result.get("timing") or {}).items():
+            row[f"timing/{k}"] = v
+        run = result.get("run") or {}
+        row["run.target_layer"] = run.get("target_layer")
+        row["run.epochs"] = run.get("epochs")
+        row["run.device"] = run.get("device")
+        row["data.split"] = (result.get("data") or {}).get("split")
+        row["result_path"] = str(cell / "result.json")
+    row["tb_dir"] = str(cell / "tb") if (cell / "tb").is_dir() else None
+    row["checkpoint"] = str(cell / "checkpoint.pt") if (cell / "checkpoint.pt").is_file() else None
+    return row
+
+
+def load_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per cell of ``SWEEP_DIR/cells/*`` (any folder holding ``config.yaml``), finished or not.
+
+    Columns: ``cell_id`` (the folder name), ``state`` (PENDING … CANCELLED), ``role`` (proxy/baseline),
+    ``config_id`` (the configuration without its seed: the seeds of one configuration share it),
+    ``baseline_id`` and ``baseline_state`` (proxy cells), every config key as ``group.key``, every metric
+    of ``result.json`` (``test/acc``, ``explain/ad``, …), ``timing/*``, ``error``, ``problem``,
+    ``overrides`` (from the launcher's plans) and paths (``dir``, ``result_path``, ``tb_dir``,
+    ``checkpoint``).
+    """
+    sweep = Path(sweep_dir)
+    root = sweep / "cells"
+    if not root.is_dir():
+        raise ResultsError(f"{sweep} has no cells/ folder; pass the sweep folder (the one holding cells/)")
+    now = time.time()
+    plans = _plans(sweep)
+    snapshots, rows = [], []
+    for name in sorted(os.listdir(root)):
+        cell = root / name
+        cfg_path = cell / "config.yaml"
+        if not cfg_path.is_file():
+            continue
+        try:
+            with open(cfg_path, "rb") as f:
+                snapshot = yaml.load(f, Loader=_YAML_LOADER) or {}
+        except yaml.YAMLError as e:
+            raise ResultsError(f"{cfg_path} is not valid YAML ({e}); fix or remove that cell folder") from None
+        snapshot = {k: v for k, v in snapshot.items() if k in trial_config.GROUP_SCHEMAS}
+        snapshots.append(snapshot)
+        row = {"cell_id": name, **_cell_row(cell, snapshot, now)}
+        plan = plans.get(name)
+        row["overrides"] = " ".join(plan.get("overrides", [])) if plan else ""
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=["cell_id", "state", "role", "config_id", "baseline_id", "dir"])
+
+    fulls = [_complete(s) for s in snapshots]
+    ids = [ids_for(f) for f in fulls]
+    if not _check_fast_ids(snapshots, ids):
+        log.warning("cell ids computed without OmegaConf differ from proxyattention.config.cell_id; "
+                    "using the exact (slower) path")
+        ids = [_exact_ids(s) for s in snapshots]
+    for row, full, (cid, config_id, base) in zip(rows, fulls, ids):
+        if cid != row["cell_id"]:
+            row["problem"] = (row["problem"] + "; " if row["problem"] else "") + \
+                f"folder name differs from the config's cell id {cid}"
+        row["config_id"] = config_id
+        row["role"] = "baseline" if base is None else "proxy"
+        row["baseline_id"] = base
+        for group, sect in full.items():
+            for k, v in sect.items():
+                if k == "cache_dir":
+                    continue
+                row[f"{group}.{k}"] = v
+    df = pd.DataFrame(rows)
+    # Pair by the config's id; folders are normally named by it (the launcher does).
+    by_id = {cid: state for (cid, _, _), state in zip(ids, df["state"])}
+    df["baseline_state"] = [by_id.get(b, "MISSING") if isinstance(b, str) else None
+                            for b in df["baseline_id"]]
+    df["_key"] = [i[0] for i in ids]
+    return df
+
+
+# ------------------------------------------------------------------------------------- TensorBoard
+
+def read_scalars(tb_dir: str | Path) -> pd.DataFrame:
+    """Every scalar in a TensorBoard folder (not its sub-folders) as rows (tag, step, value).
+
+    Read with tensorboard's EventAccumulator; where a step was logged twice (a resumed trial), the last
+    value counts.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})
+    acc.Reload()
+    rows = [(tag, ev.step, ev.value) for tag in acc.Tags().get("scalars", []) for ev in acc.Scalars(tag)]
+    df = pd.DataFrame(rows, columns=["tag", "step", "value"])
+    return df.drop_duplicates(["tag", "step"], keep="last").reset_index(drop=True)
+
+
+def check_tensorboard(cell_dir: str | Path, rel_tol: float = 1e-5) -> list[str]:
+    """Disagreements between a DONE cell's TensorBoard scalars and its ``result.json`` ([] = agree).
+
+    Checks every per-epoch value of ``history`` and every final metric TensorBoard holds at the last
+    epoch (``test/*``, ``explain/*``).
+    """
+    cell = Path(cell_dir)
+    result = _read_json(cell / "result.json")
+    if result is None:
+        return [f"{cell}: no result.json"]
+    if not (cell / "tb").is_dir():
+        return [f"{cell}: no tb/ folder"]
+    tb = read_scalars(cell / "tb")
+    values = {(t, int(s)): v for t, s, v in tb.itertuples(index=False)}
+    problems = []
+
+    def same(a: float, b: float) -> bool:  # TensorBoard stores float32
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b))
+
+    for h in result.get("history", []):
+        for key, v in h.items():
+            if key == "epoch":
+                continue
+            got = values.get((key, int(h["epoch"])))
+            if got is None:
+                problems.append(f"{key} at epoch {h['epoch']}: missing in TensorBoard")
+            elif not same(float(got), float(v)):
+                problems.append(f"{key} at epoch {h['epoch']}: TensorBoard {got} vs result.json {v}")
+    last = max((int(h["epoch"]) for h in result.get("history", [])), default=0)
+    for key, v in (result.get("metrics") or {}).items():
+        if not key.startswith(("test/", "explain/")):  # the others are totals or per-epoch in TensorBoard
+            continue
+        got = values.get((key, last))
+        if got is not None and not same(float(got), float(v)):
+            problems.append(f"{key}: TensorBoard {got} vs result.json {v}")
+    for key in ("test/acc", "test/loss"):
+        if key in (result.get("metrics") or {}) and (key, last) not in values:
+            problems.append(f"{key}: missing in TensorBoard")
+    return problems
+
+
+# -------------------------------------------------------------------------------------- statistics
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student's t distribution function."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+@lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile (inverse of :func:`t_cdf`) by bisection; no scipy needed."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class Interval:
+    """Mean ± std over n values, with a two-sided t interval (NaN bounds when n < 2)."""
+
+    n: int
+    mean: float
+    std: float
+    lo: float
+    hi: float
+
+    @property
+    def contains_zero(self) -> bool:
+        return not (self.lo > 0 or self.hi < 0)  # NaN bounds count as "contains zero"
+
+
+def mean_interval(values: Iterable[float], level: float = 0.95) -> Interval:
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return Interval(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(1, mean, math.nan, math.nan, math.nan)
+    std = float(x.std(ddof=1))
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return Interval(n, mean, std, mean - half, mean + half)
+
+
+def paired_differences(df: pd.DataFrame, metric: str = "test/acc") -> pd.DataFrame:
+    """One row per proxy cell: its metric, its same-seed baseline's, and the difference.
+
+    Columns: cell_id, config_id, train.seed, proxy, baseline (NaN when the baseline is not DONE or
+    missing), diff, baseline_id, baseline_state. Proxy cells that are not DONE are left out.
+    """
+    cols = ["cell_id", "config_id", "train.seed", "proxy", "baseline", "diff", "baseline_id",
+            "baseline_state"]
+    if df.empty or metric not in df.columns:
+        return pd.DataFrame(columns=cols)
+    done = df[df["state"] == "DONE"]
+    base_values = dict(zip(done.loc[done["role"] == "baseline", "_key"],
+                           done.loc[done["role"] == "baseline", metric]))
+    proxy = done[done["role"] == "proxy"]
+    out = pd.DataFrame({
+        "cell_id": proxy["cell_id"], "config_id": proxy["config_id"], "train.seed": proxy["train.seed"],
+        "proxy": proxy[metric].astype(float),
+        "baseline": [base_values.get(b, math.nan) for b in proxy["baseline_id"]],
+        "baseline_id": proxy["baseline_id"], "baseline_state": proxy["baseline_state"],
+    })
+    out["baseline"] = out["baseline"].astype(float)
+    out["diff"] = out["proxy"] - out["baseline"]
+    return out[cols].reset_index(drop=True)
+
+
+def notes_for(interval: Optional[Interval], missing_baselines: int, seeds: int) -> str:
+    """The plain-words caveats of one paired number."""
+    notes = []
+    if missing_baselines:
+        notes.append(f"no baseline for {missing_baselines} seed(s)")
+    if 0 < seeds < MIN_SEEDS:
+        notes.append(f"only {seeds} seed(s) (< {MIN_SEEDS})")
+    if interval is not None and interval.n >= 2 and interval.contains_zero:
+        notes.append("interval contains 0")
+    if interval is not None and interval.n == 0:
+        notes.append("no paired result")
+    return "; ".join(notes)
+
+
+def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.95) -> pd.DataFrame:
+    """One row per proxy configuration (all its seeds): proxy and baseline mean ± std, and the paired
+    difference's mean, std and t interval over seeds, with ``note`` saying what weakens the number.
+    """
+    diffs = paired_differences(df, metric)
+    rows = []
+    for config_id, g in diffs.groupby("config_id", sort=False):
+        paired = g.dropna(subset=["diff"])
+        iv = mean_interval(paired["diff"], level)
+        p, b = mean_interval(g["proxy"]), mean_interval(paired["baseline"])
+        missing = int(g["diff"].isna().sum())
+        rows.append({"config_id": config_id, "seeds": len(g), "paired": iv.n,
+                     "proxy_mean": p.mean, "proxy_std": p.std, "baseline_mean": b.mean,
+                     "baseline_std": b.std, "diff_mean": iv.mean, "diff_std": iv.std,
+                     "ci_lo": iv.lo, "ci_hi": iv.hi,
+                     "no_baseline": missing, "few_seeds": iv.n < MIN_SEEDS,
+                     "contains_zero": iv.contains_zero,
+                     "note": notes_for(iv, missing, iv.n)})
+    return pd.DataFrame(rows, columns=["config_id", "seeds", "paired", "proxy_mean", "proxy_std",
+                                       "baseline_mean", "baseline_std", "diff_mean", "diff_std", "ci_lo",
+                                       "ci_hi", "no_baseline", "few_seeds", "contains_zero", "note"])
+
+
+def grouped_paired(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc",
+                   level: float = 0.95) -> pd.DataFrame:
+    """Proxy cells grouped by ``by`` (e.g. dataset, model, threshold): accuracy mean ± std over cells,
+    and the paired difference averaged per seed first (configurations of one seed share a baseline, so
+    they are not independent), then a t interval over seeds.
+    """
+    diffs = paired_differences(df, metric)
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    if proxy.empty:
+        return pd.DataFrame()
+    diffs = diffs.merge(proxy[["cell_id", *by]], on="cell_id", how="left")
+    rows = []
+    for key, g in diffs.groupby(list(by), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        per_seed = g.dropna(subset=["diff"]).groupby("train.seed")["diff"].mean()
+        iv = mean_interval(per_seed, level)
+        acc = mean_interval(g["proxy"])
+        seeds = int(g["train.seed"].nunique())
+        missing = int(g.loc[g["diff"].isna(), "train.seed"].nunique())
+        rows.append({**dict(zip(by, key)), "cells": len(g), "seeds": seeds, "acc_mean": acc.mean,
+                     "acc_std": acc.std, "diff_mean": iv.mean, "diff_std": iv.std, "ci_lo": iv.lo,
+                     "ci_hi": iv.hi, "paired_seeds": iv.n, "note": notes_for(iv, missing, iv.n)})
+    return pd.DataFrame(rows)
+
+
+def baseline_summary(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc") -> pd.DataFrame:
+    """DONE baseline cells grouped by ``by``: metric mean ± std (n)."""
+    base = df[(df["state"] == "DONE") & (df["role"] == "baseline")]
+    rows = []
+    for key, g in base.groupby(list(by), sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        iv = mean_interval(g[metric].astype(float))
+        rows.append({**dict(zip(by, key)), "n": iv.n, "mean": iv.mean, "std": iv.std})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+def varying_keys(rows: pd.DataFrame, prefixes: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Config keys (``group.key``) whose values differ between ``rows``, seed excluded.
+
+    A key whose values split the rows exactly as an earlier key does (``dataset.source`` beside
+    ``dataset.name``) adds nothing to a label and is left out.
+    """
+    keys, partitions = [], set()
+    for col in sorted(rows.columns):
+        if "." not in col or col == "train.seed" or col.split(".")[0] not in trial_config.GROUP_SCHEMAS:
+            continue
+        if prefixes is not None and not col.startswith(prefixes):
+            continue
+        codes = tuple(pd.factorize(rows[col].astype(str))[0])
+        if max(codes, default=0) < 1 or codes in partitions:
+            continue
+        partitions.add(codes)
+        keys.append(col)
+    return keys
+
+
+def config_labels(df: pd.DataFrame) -> dict[str, str]:
+    """config_id → a short label of the keys that vary across the sweep (``proxy.threshold=0.4 …``).
+
+    Shared keys (dataset, model, train) vary across all cells; proxy and method keys across the proxy
+    cells. Baselines read ``baseline`` plus their shared keys.
+    """
+    shared_groups = tuple(f"{g}." for g in trial_config.GROUP_SCHEMAS if g not in ("proxy", "method"))
+    shared = varying_keys(df, shared_groups)
+    proxy_rows = df[df["role"] == "proxy"]
+    own = [k for k in varying_keys(proxy_rows, ("proxy.", "method.")) if k != "proxy.enabled"]
+    labels = {}
+    for config_id, g in df.groupby("config_id", sort=False):
+        r = g.iloc[0]
+        parts = [f"{k[:-5] if k in ('dataset.name', 'model.name') else k}={r[k]}" for k in shared]
+        if r["role"] == "baseline":
+            labels[config_id] = " ".join(["baseline", *parts])
+        else:
+            labels[config_id] = " ".join(parts + [f"{k}={r[k]}" for k in own]) or "proxy"
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def fmt_mean(mean: float, std: float, n: int, digits: int = 3, scale: float = 1.0) -> str:
+    """``0.912 ± 0.004 (n=3)``; a single value has no std."""
+    if n == 0 or mean is None or math.isnan(mean):
+        return "–"
+    if n == 1 or std is None or math.isnan(std):
+        return f"{mean * scale:.{digits}f} (n=1)"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f} (n={n})"
+
+
+def fmt_diff(mean: float, lo: float, hi: float, digits: int = 3, scale: float = 1.0) -> str:
+    """``+0.012 [−0.004, +0.028]``; without an interval, the mean alone."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if lo is None or math.isnan(lo):
+        return f"{mean * scale:+.{digits}f}"
+    return f"{mean * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub markdown table (``|`` in cells escaped)."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as written to ``results.csv``: identity and state first, then config, metrics, paths."""
+    if df.empty:
+        return df
+    first = ["cell_id", "state", "role", "config_id", "baseline_id", "baseline_state"]
+    cfg_cols = sorted(c for c in df.columns if "." in c and c.split(".")[0] in trial_config.GROUP_SCHEMAS)
+    metric_cols = sorted(c for c in df.columns if "/" in c and not c.startswith("timing/"))
+    timing = sorted(c for c in df.columns if c.startswith("timing/"))
+    tail = ["attempts", "duration_s", "error", "problem", "overrides", "run.target_layer", "run.epochs",
+            "run.device", "data.split", "dir", "result_path", "tb_dir", "checkpoint"]
+    ordered = [c for c in first + cfg_cols + metric_cols + timing + tail if c in df.columns]
+    rest = [c for c in df.columns if c not in ordered and not c.startswith("_")]
+    return df[ordered + rest]
