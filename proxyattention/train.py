@@ -184,6 +184,48 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedul
                       resumed_from=ckpt["epoch"])
 
 
+def train_epoch(model: torch.nn.Module, bank: ImageBank, overlay: ProxyOverlay, order: Tensor,
+                batch_size: int, aug_gen: torch.Generator, optimizer: Any, scheduler: Any,
+                precision: Precision, channels_last: bool, wrong: Tensor,
+                progress: Optional[str] = None) -> tuple[float, float]:
+    """One epoch over ``order`` (CPU long dataset indices); returns (mean loss, accuracy).
+
+    Proxies in ``overlay`` replace their originals before augmentation. ``wrong`` (bool, one entry per
+    dataset index, on the device) is set for every image misclassified in this epoch.
+    """
+    device = bank.device
+    wrong.zero_()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    batches = bank.batches(order, batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=math.ceil(order.numel() / batch_size), desc=progress, leave=False)
+    for idx, imgs, labels in batches:
+        x = normalize(augment(to_float(overlay.apply(idx, imgs)), aug_gen))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if precision.scaler:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        pred = logits.detach().argmax(1)
+        wrong[idx] = pred != labels  # recorded for the proxy step, at no extra cost
+        loss_sum += loss.detach().float() * labels.numel()
+        correct += (pred == labels).sum()
+        seen += labels.numel()
+    return loss_sum.item() / max(1, seen), correct.item() / max(1, seen)  # sync point: once per epoch
+
+
 def proxy_step(model: torch.nn.Module, bank: ImageBank, overlay: ProxyOverlay, wrong: Tensor,
                cfg: DictConfig, target_layer: Any, generator: torch.Generator,
                channels_last: bool) -> tuple[dict[str, float], Tensor, Tensor, Tensor]:
@@ -329,41 +371,12 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         order = train_idx[torch.randperm(n_train, generator=_generator(seed, epoch, 1))]
         order = order[: steps_per_epoch * batch_size] if n_train % batch_size == 1 else order
-        aug_gen = _generator(seed, epoch, 2)
-        wrong.zero_()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        batches = bank.batches(order, batch_size)
-        if show_bar:
-            from tqdm import tqdm
-            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False)
-        for idx, imgs, labels in batches:
-            x = normalize(augment(to_float(overlay.apply(idx, imgs)), aug_gen))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with precision.autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            if precision.scaler:
-                precision.scaler.scale(loss).backward()
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            pred = logits.detach().argmax(1)
-            wrong[idx] = pred != labels  # recorded for the proxy step, at no extra cost
-            loss_sum += loss.detach().float() * labels.numel()
-            correct += (pred == labels).sum()
-            seen += labels.numel()
-        train_loss = loss_sum.item() / seen  # sync point: once per epoch
+        train_loss, train_acc = train_epoch(model, bank, overlay, order, batch_size, _generator(seed, epoch, 2),
+                                            optimizer, scheduler, precision, channels_last, wrong,
+                                            f"epoch {epoch}/{epochs}" if show_bar else None)
         if not math.isfinite(train_loss):
             raise TrialError(f"non-finite training loss ({train_loss}) in epoch {epoch}; lower train.max_lr "
                              "or turn off mixed precision (train.amp=false). Earlier checkpoints are kept.")
-        train_acc = correct.item() / seen
         state.timing["train_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
