@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-_NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i")
+_NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
+                   "--cfg", "-c")
 
 
 def quote_schedule_overrides(argv: list[str]) -> list[str]:

@@ -1,0 +1,37 @@
+"""Shared test fixtures: the repository root and running the project's command-line modules."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+def _run_module(module: str, *args: str, cwd: Path, env: Optional[dict] = None, timeout: float = 600,
+                check: bool = False) -> subprocess.CompletedProcess:
+    """``python -m module args…`` in ``cwd``, text output captured; ``env`` entries extend os.environ."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def run_module() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_module("launcher.status", str(d), "--json", cwd=tmp_path)`` → CompletedProcess."""
+    return _run_module

@@ -1,0 +1,218 @@
+"""The local pool with a stand-in cell (no torch; a second each): selection, failures, timeouts,
+interrupts, takeovers and concurrent launchers. The real cell is exercised in test_launcher_cells.py.
+
+The stand-in reads its ``config.yaml`` like the real cell, appends one line to ``runs.log`` per run,
+and behaves as the environment says: ``FAKE_SLEEP`` seconds, ``FAKE_FAIL`` thresholds that fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAKE_CELL = r'''
+import json, os, subprocess, sys, time, yaml
+cell = sys.argv[1]
+cfg = yaml.safe_load(open(os.path.join(cell, "config.yaml")))
+with open(os.path.join(cell, "runs.log"), "a") as f:
+    f.write(f"{os.getpid()} {os.environ.get('OMP_NUM_THREADS')} {os.environ.get('CUDA_VISIBLE_DEVICES')}\n")
+if os.environ.get("FAKE_GRANDCHILD"):
+    child = subprocess.Popen(["sleep", "300"])
+    open(os.path.join(cell, "grandchild.pid"), "w").write(str(child.pid))
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+thr = str(cfg["proxy"]["threshold"]) if cfg["proxy"]["enabled"] else "baseline"
+if thr in os.environ.get("FAKE_FAIL", "").split(","):
+    json.dump({"status": "failed", "type": "FileNotFoundError", "error": f"no data for {thr}",
+               "traceback": "Traceback (most recent call last):\nFileNotFoundError: no data"},
+              open(os.path.join(cell, "error.json"), "w"))
+    sys.exit(1)
+json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": 0.5, "proxy/images": 1},
+           "timing": {"train_s": 0.1, "total_s": 0.2}}, open(os.path.join(cell, "result.json"), "w"))
+'''
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """Run the launcher on stand-in cells: ``fake(*overrides, env=..., background=False)``."""
+    mod = tmp_path / "fakecell"
+    mod.mkdir()
+    (mod / "fake_cell.py").write_text(FAKE_CELL)
+    sweep = tmp_path / "sweep"
+
+    def launch(*overrides: str, env: dict | None = None, background: bool = False):
+        full = dict(os.environ, PYTHONPATH=str(mod), **(env or {}))
+        full.pop("CUDA_VISIBLE_DEVICES", None)
+        args = [sys.executable, "-m", "launcher", "model=test_resnet", *overrides,
+                f"hydra.sweep.dir={sweep}", "hydra.launcher.cell_module=fake_cell",
+                "hydra.launcher.heartbeat_s=0.5", "hydra.launcher.gpus=''"]
+        if background:
+            return subprocess.Popen(args, cwd=tmp_path, env=full, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        return subprocess.run(args, cwd=tmp_path, env=full, text=True, capture_output=True, timeout=300)
+
+    launch.sweep = sweep
+    return launch
+
+
+def cells(sweep: Path) -> dict[str, dict]:
+    out = subprocess.run([sys.executable, "-m", "launcher.status", str(sweep), "--json"], text=True,
+                         capture_output=True, check=True).stdout
+    return {c["id"]: c for c in json.loads(out)["cells"]}
+
+
+def runs(sweep: Path, cid: str) -> int:
+    log = sweep / "cells" / cid / "runs.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def wait_for(pred, timeout: float = 60, step: float = 0.1):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("timed out waiting")
+
+
+def test_sweep_runs_every_cell_once_then_nothing(fake):
+    proc = fake("proxy.threshold=0.1,0.4,0.8", "hydra.launcher.workers=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = cells(fake.sweep)
+    assert len(got) == 4 and all(c["state"] == "DONE" for c in got.values())
+    assert all(runs(fake.sweep, cid) == 1 for cid in got)
+    assert "sweep folder:" in proc.stdout and "test/acc" in proc.stdout
+    assert proc.stdout.count("RUNNING ") == 4 and proc.stdout.count("DONE ") >= 4
+    line = (fake.sweep / "cells" / next(iter(got)) / "runs.log").read_text().split()
+    assert line[1] == str(max(1, len(os.sched_getaffinity(0)) // 2))  # OMP_NUM_THREADS = cores // workers
+
+    again = fake("proxy.threshold=0.1,0.4,0.8", "hydra.launcher.workers=2")
+    assert again.returncode == 0
+    assert "All 4 cells are DONE; nothing to run." in again.stdout
+    assert all(runs(fake.sweep, cid) == 1 for cid in got)
+
+
+def test_failed_cell_does_not_stop_the_sweep_and_reruns_alone(fake):
+    proc = fake("proxy.threshold=0.1,0.4", env={"FAKE_FAIL": "0.4"})
+    assert proc.returncode == 1
+    got = cells(fake.sweep)
+    states = sorted(c["state"] for c in got.values())
+    assert states == ["DONE", "DONE", "FAILED"]
+    bad = next(c for c in got.values() if c["state"] == "FAILED")
+    assert "FileNotFoundError: no data for 0.4" in bad["error"]
+    assert "FileNotFoundError" in proc.stdout  # the state-change line carries the error
+
+    # With a new cell in the grid (PENDING), rerun=failed runs the FAILED cell only.
+    plan_more = fake("proxy.threshold=0.1,0.4,0.8", "hydra.launcher.rerun=failed")
+    after = cells(fake.sweep)
+    assert after[bad["id"]]["state"] == "DONE" and after[bad["id"]]["attempts"] == 2
+    assert sorted(c["state"] for c in after.values()) == ["DONE", "DONE", "DONE", "PENDING"]
+    assert plan_more.returncode == 1  # not everything is DONE
+    assert all(runs(fake.sweep, cid) == (0 if c["state"] == "PENDING" else 1)
+               for cid, c in after.items() if cid != bad["id"])
+
+
+def test_force_reruns_everything_and_keeps_the_old_results(fake):
+    fake("proxy.threshold=0.1")
+    proc = fake("proxy.threshold=0.1", "hydra.launcher.rerun=all")
+    assert proc.returncode == 0
+    for cid, c in cells(fake.sweep).items():
+        assert c["state"] == "DONE" and c["attempts"] == 2
+        previous = list((fake.sweep / "cells" / cid / "previous").glob("*/result.json"))
+        assert len(previous) == 1
+
+
+def test_dry_run_lists_what_would_run(fake):
+    fake("proxy.threshold=0.1")
+    proc = fake("proxy.threshold=0.1,0.4", "hydra.launcher.dry_run=true")
+    assert proc.returncode == 0
+    assert "dry run: 1 of 3 cells would run" in proc.stdout
+    assert sum(runs(fake.sweep, cid) for cid in cells(fake.sweep)) == 2
+
+
+def test_timeout_kills_the_process_group(fake):
+    t0 = time.time()
+    proc = fake("proxy=none", "proxy.schedule=2", "hydra.launcher.timeout_min=0.03",
+                env={"FAKE_SLEEP": "120", "FAKE_GRANDCHILD": "1"})
+    assert time.time() - t0 < 60
+    assert proc.returncode == 1
+    (c,) = cells(fake.sweep).values()
+    assert c["state"] == "TIMEOUT"
+    grandchild = int((Path(c["dir"]) / "grandchild.pid").read_text())
+    wait_for(lambda: not Path(f"/proc/{grandchild}").exists() or
+             Path(f"/proc/{grandchild}/stat").read_text().split(")")[1].split()[0] == "Z", timeout=10)
+
+
+def test_ctrl_c_stops_cells_and_marks_them_rerunnable(fake):
+    proc = fake("proxy=none", "proxy.schedule=2", env={"FAKE_SLEEP": "120"}, background=True)
+    status = wait_for(lambda: next(iter(fake.sweep.glob("cells/*/status.json")), None))
+    cell = status.parent
+    wait_for(lambda: (cell / "runs.log").exists())  # the stand-in is running
+    child = json.loads(status.read_text())["pid"]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out + err
+    (c,) = cells(fake.sweep).values()
+    assert c["state"] == "CANCELLED" and c["interrupted"]
+    assert not _alive(child)
+    rerun = fake("proxy=none", "proxy.schedule=2")
+    assert rerun.returncode == 0 and runs(fake.sweep, cell.name) == 2
+
+
+def test_killed_launcher_leaves_a_claim_that_is_taken_over(fake):
+    proc = fake("proxy=none", "proxy.schedule=2", env={"FAKE_SLEEP": "120"}, background=True)
+    status = wait_for(lambda: next(iter(fake.sweep.glob("cells/*/status.json")), None))
+    wait_for(lambda: (status.parent / "runs.log").exists())
+    orphan = json.loads(status.read_text())["pid"]
+    proc.kill()  # kill -9: its cell lives on, unsupervised
+    proc.communicate()
+    assert _alive(orphan)
+    (c,) = cells(fake.sweep).values()
+    assert c["state"] == "CANCELLED" and c["interrupted"]  # RUNNING with a dead launcher
+    rerun = fake("proxy=none", "proxy.schedule=2")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert not _alive(orphan)  # stopped before the rerun, so one process works in the folder
+    (c,) = cells(fake.sweep).values()
+    assert c["state"] == "DONE" and c["attempts"] == 2
+
+
+def test_cell_killed_by_a_signal_is_cancelled_and_rerun(fake):
+    proc = fake("proxy=none", "proxy.schedule=2", env={"FAKE_SLEEP": "120"}, background=True)
+    status = wait_for(lambda: next(iter(fake.sweep.glob("cells/*/status.json")), None))
+    wait_for(lambda: (status.parent / "runs.log").exists())
+    child = json.loads(status.read_text())["pid"]
+    os.kill(child, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    (c,) = cells(fake.sweep).values()
+    assert c["state"] == "CANCELLED" and "SIGKILL" in c["error"]
+    assert fake("proxy=none", "proxy.schedule=2").returncode == 0
+
+
+def test_two_launchers_at_once_run_each_cell_once(fake):
+    args = ("proxy.threshold=0.1,0.2,0.4,0.8,0.95", "hydra.launcher.workers=2")
+    a = fake(*args, env={"FAKE_SLEEP": "1"}, background=True)
+    b = fake(*args, env={"FAKE_SLEEP": "1"}, background=True)
+    out_a, err_a = a.communicate(timeout=240)
+    out_b, err_b = b.communicate(timeout=240)
+    assert a.returncode == 0, out_a + err_a
+    assert b.returncode == 0, out_b + err_b
+    got = cells(fake.sweep)
+    assert len(got) == 6
+    assert all(c["state"] == "DONE" and c["attempts"] == 1 for c in got.values())
+    assert all(runs(fake.sweep, cid) == 1 for cid in got)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

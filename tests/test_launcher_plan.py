@@ -1,0 +1,165 @@
+"""Planning a sweep: composition through Hydra, paired baselines, cell ids, bad overrides, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from launcher.__main__ import quote_schedule_overrides
+from launcher.plan import Composer, PlanError, cached_plan, plan_sweep, write_plan_files
+from launcher.plugin import sweep_name
+from proxyattention.config import cell_id, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def composer_fn():
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield lambda overrides: compose("config", overrides=overrides)
+
+
+def grid(**axes: list) -> list[list[str]]:
+    jobs = [[]]
+    for key, values in axes.items():
+        jobs = [j + [f"{key}={v}"] for j in jobs for v in values]
+    return jobs
+
+
+def test_baselines_are_added_once_and_paired(composer_fn, tmp_path):
+    jobs = grid(model=["test_resnet", "test_efficientnet"], **{"proxy.threshold": [0.1, 0.4, 0.85]})
+    plan = plan_sweep(jobs, composer_fn, tmp_path)
+    baselines = [c for c in plan.cells if c.record.role == "baseline"]
+    proxies = [c for c in plan.cells if c.record.role == "proxy"]
+    assert len(proxies) == 6 and len(baselines) == 2
+    assert {p.record.baseline for p in proxies} == {b.id for b in baselines}
+    for b in baselines:
+        assert b.config["proxy"]["enabled"] is False and b.config["proxy"]["schedule"] == "4"
+        assert "proxy=none" in b.record.overrides
+    # A baseline runs right before the first cell that pairs with it.
+    first = plan.cells.index(next(c for c in plan.cells if c.record.role == "proxy"))
+    assert plan.cells[first - 1].record.role == "baseline"
+
+
+def test_planning_shortcut_gives_hydras_configs_and_ids(composer_fn, tmp_path):
+    jobs = grid(model=["test_resnet", "resnet18"], dataset=["digits", "shapes"],
+                **{"proxy.weight": [0.2, 1], "train.seed": [0, 3], "proxy.mode": ["blend", "black"]})
+    plan = plan_sweep(jobs, composer_fn, tmp_path)
+    reference = Composer(composer_fn, fast=False)
+    for job, cid in zip(jobs, plan.job_cells):
+        plain = reference.trial(job)
+        assert cell_id(OmegaConf.create(plain)) == cid
+    by_id = {c.id: c for c in plan.cells}
+    assert by_id[plan.job_cells[-1]].config == reference.trial(jobs[-1])
+    assert by_id[plan.job_cells[-1]].config["proxy"]["weight"] == 1.0  # coerced as OmegaConf does
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=resnet999", ["model=resnet999", "Could not find 'model/resnet999'"]),
+    ("proxy.treshold=0.3", ["proxy.treshold"]),
+    ("proxy.threshold=1.5", ["proxy.threshold=1.5", "out of range"]),
+    ("proxy.threshold=abc", ["proxy.threshold=abc"]),
+    ("proxy.mode=sideways", ["proxy.mode", "blend"]),
+])
+def test_bad_override_is_named(composer_fn, tmp_path, override, words):
+    jobs = [["model=test_resnet"], ["model=test_resnet", override]]
+    with pytest.raises(PlanError) as e:
+        plan_sweep(jobs, composer_fn, tmp_path)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_plan_files_and_cache(composer_fn, tmp_path):
+    jobs = grid(**{"proxy.threshold": [0.1, 0.4]})
+    plan = plan_sweep(jobs, composer_fn, tmp_path)
+    assert write_plan_files(plan, ["proxy.threshold=0.1,0.4"], fingerprint="f1") == 3
+    snap = tmp_path / "cells" / plan.job_cells[0] / "config.yaml"
+    cfg = OmegaConf.load(snap)
+    assert cfg.proxy.threshold == 0.1 and cfg.train.progress is False
+    assert cell_id(cfg) == plan.job_cells[0]  # the snapshot names the same cell
+    assert write_plan_files(plan, fingerprint="f1") == 0  # snapshots are written once
+    again = cached_plan(tmp_path, jobs, "f1")
+    assert again is not None and [c.id for c in again.cells] == [c.id for c in plan.cells]
+    assert cached_plan(tmp_path, jobs, "f2") is None  # conf/ or code changed: plan again
+
+
+def test_sweep_folder_name_is_deterministic():
+    a = sweep_name(["model=a,b", "proxy.threshold=0.1"])
+    assert a == sweep_name(["proxy.threshold=0.1", "model=a,b"])
+    assert a != sweep_name(["model=a,b", "proxy.threshold=0.4"])
+    assert a.startswith("model_proxy.threshold=0.1-")
+
+
+def test_schedule_needs_no_quotes():
+    assert quote_schedule_overrides(["proxy.schedule=5,p,4", "proxy.schedule=10,20",
+                                     "proxy.schedule='1,p,1','2,p,2'"]) == [
+        "proxy.schedule='5,p,4'", "proxy.schedule=10,20", "proxy.schedule='1,p,1','2,p,2'"]
+
+
+# ---- through the command line (a process each; still no trial runs)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=resnet999", ["model/resnet999"]),
+    ("proxy.treshold=0.3", ["proxy.treshold"]),
+    ("proxy.threshold=0.1,1.5", ["proxy.threshold=1.5", "out of range"]),
+])
+def test_cli_bad_override_fails_before_any_cell(run_module, tmp_path, override, words):
+    sweep = tmp_path / "sweep"
+    proc = run_module("launcher", "model=test_resnet", override, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode != 0
+    for w in words:
+        assert w in proc.stderr + proc.stdout
+    assert not (sweep / "cells").exists()
+
+
+def test_planning_never_imports_torch(tmp_path):
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['launcher', 'model=test_resnet,test_efficientnet', 'proxy.threshold=0.1,0.4', "
+        f"'hydra.sweep.dir={tmp_path / 'sweep'}', 'hydra.launcher.dry_run=true']\n"
+        "try:\n    runpy.run_module('launcher', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
+        "print('HEAVY', heavy)\n"
+        "assert 'launcher.plan' in sys.modules and 'launcher.local' in sys.modules\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "HEAVY []" in proc.stdout
+    assert "would run" in proc.stdout
+    assert not (tmp_path / "sweep" / "cells").exists()  # a dry run writes no cells
+
+
+def test_cfg_job_shows_the_config(run_module, tmp_path):
+    proc = run_module("launcher", "--cfg", "job", "model=test_resnet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: test_resnet" in proc.stdout
+
+
+def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
+    from launcher import manifest
+    from launcher.manifest import CellState, CellStatus, Owner
+
+    plan = plan_sweep(grid(**{"proxy.threshold": [0.1, 0.4]}), composer_fn, tmp_path)
+    write_plan_files(plan)
+    done, failed, _ = [plan.cell_dir(c.id) for c in plan.cells]
+    s = CellStatus().started_by(Owner.this_process(), pid=1)
+    manifest.write_status(done, s.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.75}))
+    manifest.write_status(failed, s.finished(CellState.FAILED, exit_code=1, error="Traceback\nValueError: bad"))
+    proc = run_module("launcher.status", str(tmp_path), "--json", cwd=tmp_path, check=True)
+    out = json.loads(proc.stdout)
+    assert out["counts"] == {"PENDING": 1, "RUNNING": 0, "DONE": 1, "FAILED": 1, "TIMEOUT": 0, "CANCELLED": 0}
+    assert {"id", "state", "overrides", "attempts", "dir"} <= set(out["cells"][0])
+    assert [c["state"] for c in out["cells"]] == ["DONE", "FAILED", "PENDING"]
+    text = run_module("launcher.status", str(tmp_path), cwd=tmp_path, check=True).stdout
+    assert "ValueError: bad" in text and "0.7500" in text and "1 DONE, 1 FAILED" in text.replace("1 PENDING, ", "")
