@@ -54,12 +54,15 @@ write_slurm_conf() {
   install -d /var/spool/slurmd
   # Why these keys: linuxproc/task none need no cgroups; batch_sched_delay=0 makes a round trip ~1 s
   # instead of ~3 s; KillWait=5 because a cancelled job's python ignores SIGTERM and would hold the
-  # node 30 s; MinJobAge=3600 keeps finished jobs visible to squeue for a while.
+  # node 30 s; MinJobAge=3600 keeps finished jobs visible to squeue for a while. A requeued job may
+  # start again only after cred_expire (default 120 s) and the next scheduling pass (sched_interval,
+  # default 60 s): shortened so the time-limit/requeue tests take seconds, not minutes.
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=${CLUSTER}
 SlurmctldHost=${host}(127.0.0.1)
 SlurmUser=slurm
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -71,7 +74,7 @@ JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 MailProg=/bin/true
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -124,7 +124,7 @@ class CellJob:
             if not self._signalled:
                 status = self._run(cell, claim, status)
             if self._signalled and self.requeue and status.state == CellState.RUNNING:
-                status = self._interrupted(cell, status, job_id)
+                status = self._interrupted(cell, status, job_id)  # PENDING until the job runs again
                 claim.release()
                 released = True
                 self._requeue_through_submitit(submitit_handler)  # exits (requeued) or raises
@@ -195,8 +195,8 @@ class CellJob:
                 status = status.beat()
                 manifest.write_status(cell, status)
                 next_beat = time.monotonic() + self.heartbeat_s
-        if self._signalled and self.requeue:
-            return status
+        if self._signalled and self.requeue and rc != 0:
+            return status  # stopped for the requeue (or died meanwhile): the main flow requeues it
         state, error, metrics = manifest.cell_outcome(cell, rc)
         if self._signalled and state == CellState.CANCELLED:
             # Killed after the time-limit warning with requeue off: Slurm's time limit did it.
@@ -222,11 +222,14 @@ class CellJob:
             return child.wait()
 
     def _interrupted(self, cell: Path, status: CellStatus, job_id: Optional[str]) -> CellStatus:
+        # PENDING, not finished: Slurm requeues this same job id, so `launcher.status` keeps asking
+        # Slurm about it (queued, running again) and a rerun never submits a second copy.
         rc = self._stop_child()
-        status = status.finished(
-            CellState.TIMEOUT, exit_code=rc, interrupted=True,
-            error=f"time limit or preemption: stopped at its last epoch checkpoint and requeued as job "
-                  f"{job_id}; it resumes when the job starts again")
+        status = dataclasses.replace(
+            status.finished(CellState.PENDING, exit_code=rc, interrupted=True,
+                            error=f"time limit or preemption: stopped at its last epoch checkpoint and "
+                                  f"requeued as job {job_id}; it resumes when the job starts again"),
+            heartbeat=time.time())
         manifest.write_status(cell, status)
         return status
 
