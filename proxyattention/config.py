@@ -22,11 +22,11 @@ from proxyattention.schedule import ScheduleError, parse_schedule
 CAM_METHODS: tuple[str, ...] = (
     "gradcam", "gradcampp", "eigengradcam", "eigencam", "xgradcam", "layercam", "hirescam",
     "scorecam", "ablationcam", "fullgrad", "gradcamelementwise", "kpcacam", "shapleycam",
-    "finercam",
+    "finercam", "fem", "segeigencam",
 )
 # Methods with a batched pure-torch implementation (same maps as the library to 1e-4).
 NATIVE_CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "eigengradcam", "hirescam", "xgradcam",
-                                       "layercam", "gradcamelementwise")
+                                       "layercam", "gradcamelementwise", "eigencam", "segeigencam")
 CAM_IMPLS = ("auto", "native", "library")
 PROXY_MODES = ("blend", "mean", "max", "min", "black", "white")
 PROXY_TARGETS = ("predicted", "true")

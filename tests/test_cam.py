@@ -1,0 +1,130 @@
+"""CAMs: the native path gives pytorch-grad-cam's maps, and a CAM call leaves the model as it found it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from proxyattention.cam import cam_method_names, compute_cams
+from proxyattention.config import CAM_METHODS, NATIVE_CAM_METHODS, ModelConfig
+from proxyattention.models import TargetLayer, build_model, find_target_layer
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+SETUPS = {"test_resnet": 64, "test_efficientnet": 64, "test_vit": 64, "resnet18": 32,
+          "test_resnet@32": 32}
+PARITY = ("test_resnet", "test_efficientnet", "test_vit", "resnet18")
+
+
+@pytest.fixture(scope="module")
+def setups():
+    built = {}
+    for key, size in SETUPS.items():
+        torch.manual_seed(0)
+        name = key.split("@")[0]
+        model = build_model(OmegaConf.structured(ModelConfig(name=name)), num_classes=10, image_size=size)
+        images = torch.randn(6, 3, size, size)
+        with torch.no_grad():
+            predicted = model.eval()(images).argmax(1)
+        targets = torch.cat([predicted[:3], torch.tensor([0, 5, 9])])  # predicted and arbitrary classes
+        built[key] = (model, find_target_layer(model, size), images, targets)
+    return built
+
+
+def hooks_left(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("model_name", PARITY)
+@pytest.mark.parametrize("method", NATIVE_CAM_METHODS)
+def test_native_matches_pytorch_grad_cam(setups, model_name, method):
+    model, target, images, targets = setups[model_name]
+    native = compute_cams(model, images, targets, method, target, impl="native")
+    library = compute_cams(model, images, targets, method, target, impl="library")
+    assert native.shape == images.shape[:1] + images.shape[2:] and native.dtype == torch.float32
+    assert (native.amax(dim=(1, 2)) > 0.99).any(), "every map is constant: the comparison proves nothing"
+    assert (native - library).abs().max().item() < 1e-4
+
+
+def test_maps_are_normalised_per_image_or_all_zero(setups):
+    model, target, images, targets = setups["test_resnet"]
+    cams = compute_cams(model, images, targets, "gradcam", target)
+    peak = cams.amax(dim=(1, 2))
+    assert cams.min() >= 0 and cams.max() <= 1
+    assert torch.all((peak > 0.999) | (peak == 0))
+    assert torch.all(cams.amin(dim=(1, 2)) < 1e-6)
+
+
+def test_constant_map_gives_zeros():
+    # resnet18's layer4 is 1x1 at 32 px (find_target_layer refuses it; here it is forced).
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.structured(ModelConfig(name="resnet18")), num_classes=10, image_size=32)
+    target = TargetLayer("layer4", model.layer4, (1, 1))
+    images, targets = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    for impl in ("native", "library"):
+        assert torch.count_nonzero(compute_cams(model, images, targets, "gradcampp", target, impl)) == 0
+
+
+def test_vit_map_is_not_constant(setups):
+    model, target, images, targets = setups["test_vit"]
+    cams = compute_cams(model, images, targets, "gradcampp", target)
+    assert cams.shape == (6, 64, 64)
+    assert cams.flatten(1).std(dim=1).min() > 0.05
+
+
+@pytest.mark.parametrize("impl, method", [("native", "gradcampp"), ("library", "gradcampp"),
+                                          ("auto", "kpcacam"), ("auto", "finercam")])
+def test_model_is_left_as_it_was(setups, impl, method):
+    model, target, images, targets = setups["test_resnet"]
+    model.train()
+    model.layer1.eval()  # a caller's frozen block stays in eval
+    model.conv1.requires_grad_(False)
+    kept_grad = torch.full_like(model.fc.weight, 3.0)
+    model.fc.weight.grad = kept_grad
+    try:
+        with torch.no_grad():  # callers evaluate under no_grad; the CAM enables grad inside
+            cams = compute_cams(model, images, targets, method, target, impl=impl)
+        assert cams.shape == (6, 64, 64)
+        assert model.training and model.layer2.training and not model.layer1.training
+        assert model.fc.weight.grad is kept_grad and torch.all(kept_grad == 3.0)
+        others = [p.grad for n, p in model.named_parameters() if n != "fc.weight"]
+        assert all(g is None for g in others)
+        assert all(not p.requires_grad for p in model.conv1.parameters())
+        assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("conv1."))
+        assert hooks_left(model) == 0
+    finally:
+        model.conv1.requires_grad_(True)
+        model.fc.weight.grad = None
+        model.eval()
+
+
+def test_chunks_and_layout_do_not_change_the_maps(setups):
+    model, target, images, targets = setups["test_efficientnet"]
+    whole = compute_cams(model, images, targets, "gradcampp", target, batch_size=64)
+    chunked = compute_cams(model, images, targets, "gradcampp", target, batch_size=4, channels_last=False)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in CAM_METHODS if m not in NATIVE_CAM_METHODS])
+def test_every_library_method_runs(setups, method):
+    model, target, images, targets = setups["test_resnet@32"]  # layer2: 4x4, 48 channels (ScoreCAM's cost)
+    cams = compute_cams(model, images[:2], targets[:2], method, target, batch_size=64)
+    assert cams.shape == (2, 32, 32) and cams.min() >= 0 and cams.max() <= 1
+    assert cams.amax() > 0.99
+
+
+def test_bad_method_or_impl_is_refused(setups):
+    model, target, images, targets = setups["test_resnet"]
+    with pytest.raises(ValueError, match="method.impl=native has no batched path"):
+        compute_cams(model, images, targets, "scorecam", target, impl="native")
+    with pytest.raises(ValueError, match="method.name='gradcam\\+\\+' is not a CAM method"):
+        compute_cams(model, images, targets, "gradcam++", target)
+
+
+def test_method_names_and_configs_agree():
+    assert cam_method_names() == CAM_METHODS
+    assert set(NATIVE_CAM_METHODS) <= set(CAM_METHODS)
+    files = {p.stem: OmegaConf.load(p) for p in (CONF / "method").glob("*.yaml")}
+    assert set(files) == set(CAM_METHODS)
+    assert all(cfg.name == name for name, cfg in files.items())
