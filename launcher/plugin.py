@@ -67,9 +67,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="local_schema", node=LocalLauncherConf, provider="proxyattention")
     cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConf, provider="proxyattention")
-    from launcher.slurm import register_configs as register_slurm_configs
-
-    register_slurm_configs()  # hydra/launcher/slurm_schema (launcher.slurm.SlurmLauncherConf)
 
 
 def sweep_name(task_overrides: Any) -> str:

@@ -333,7 +333,15 @@ class SlurmSubmitter:
                 label = f"[baseline] {label}".rstrip()
             rows.append([r.id, label or "-", s.state.value, s.job_id or "-", "yes" if r.id in chosen else "no"])
         self.console.say(table(rows, ["cell", "overrides", "state", "slurm job", "would submit"]))
-        script = sbatch_script(self.opts, self.folder, map_count=len(selected) or None)
+        import shlex
+        import sys
+
+        # One cell is a plain job, more are an array (submitit's choice); chunks beyond MaxArraySize
+        # get the same script with a shorter --array.
+        size = self.opts.max_array_size or max_array_size()
+        count = min(len(selected), size)
+        script = sbatch_script(self.opts, self.folder, map_count=count if count > 1 else None,
+                               python=self.opts.python or shlex.quote(sys.executable))
         self.console.say(f"\nsbatch script (per array):\n{script}")
         self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
                          f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
