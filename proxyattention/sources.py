@@ -176,8 +176,8 @@ def load_places365(cfg: Any) -> Samples:
 
 # --------------------------------------------------------------------------------------------- shapes
 
-SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "diamond")
-SHAPES_PER_CLASS = 200
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
+SHAPES_PER_CLASS = 300
 SHAPES_SEED = 20240601
 
 
@@ -212,22 +212,22 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, math.pi)
     freq = rng.uniform(3, 8)
     stripes = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)))
-    bg = bg * 0.75 + 0.25 * stripes[..., None] * rng.uniform(0.2, 1.0, size=3)
-    bg += rng.normal(0, 0.08, size=bg.shape)  # pixel speckle
+    bg = bg * 0.8 + 0.2 * stripes[..., None] * rng.uniform(0.2, 1.0, size=3)
+    bg += rng.normal(0, 0.05, size=bg.shape)  # pixel speckle
     # Distractor strokes: thin line segments in random colours, the same for every class.
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(1, 4)):
         x0, y0, x1, y1 = rng.uniform(0, 1, size=4)
         t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0))
                     / max((x1 - x0) ** 2 + (y1 - y0) ** 2, 1e-6), 0, 1)
         d = np.hypot(xx - (x0 + t * (x1 - x0)), yy - (y0 + t * (y1 - y0)))
-        bg[d < rng.uniform(0.01, 0.025)] = rng.uniform(0, 1, size=3)
+        bg[d < rng.uniform(0.01, 0.02)] = rng.uniform(0, 1, size=3)
     return np.clip(bg, 0, 1)
 
 
 def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """(size, size) bool mask of one object of class ``kind``, random position, scale and rotation."""
-    r = rng.uniform(0.2, 0.3)  # half-extent as a fraction of the image
-    cx, cy = rng.uniform(r + 0.04, 1 - r - 0.04, size=2)
+    r = rng.uniform(0.25, 0.34)  # half-extent as a fraction of the image
+    cx, cy = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
     theta = rng.uniform(0, 2 * math.pi)
     yy, xx = _grid(size)
     dx, dy = xx - cx, yy - cy
@@ -248,8 +248,6 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         return ((np.abs(u) <= bar) & (np.abs(v) <= 1)) | ((np.abs(v) <= bar) & (np.abs(u) <= 1))
     if kind == "ring":
         return (rad <= 1.0) & (rad >= 0.55)
-    if kind == "diamond":
-        return np.abs(u) * 1.0 + np.abs(v) * 1.6 <= 1.0
     raise ValueError(kind)
 
 
