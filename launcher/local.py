@@ -146,6 +146,8 @@ class LocalRunner:
         self.gpus = detect_gpus(options.gpus)
         self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
         self.statuses: dict[str, CellStatus] = {}
+        self._root = str(manifest.cells_root(self.sweep_dir))
+        self._touched: set[str] = set()  # cells this launch ran or waited on: re-read at the end
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -154,7 +156,8 @@ class LocalRunner:
         return manifest.cell_dir(self.sweep_dir, cid)
 
     def _status(self, cid: str) -> CellStatus:
-        return manifest.effective_status(manifest.read_status(self.dir(cid)), self.opts.stale_after_s)
+        return manifest.effective_status(manifest.read_status(os.path.join(self._root, cid)),
+                                         self.opts.stale_after_s)
 
     # -- one cell, in a worker thread, while holding its claim
     def _run_cell(self, cid: str, claim: Claim, slot: int) -> CellStatus:
@@ -244,6 +247,7 @@ class LocalRunner:
 
     def _report(self, cid: str, status: CellStatus, note: str = "") -> None:
         self.statuses[cid] = status
+        self._touched.add(cid)
         if status.state == CellState.DONE:
             detail = f"test/acc {fmt_acc(status)}  {fmt_duration(status.duration_s)}"
         else:
@@ -268,6 +272,7 @@ class LocalRunner:
             else:
                 self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to run.")
             return self._finish()
+        self._touched.update(selected)
         skipped = len(ids) - len(selected)
         gpu_note = f"GPUs {','.join(self.gpus)}" if self.gpus else "no GPU"
         self.console.say(f"{len(selected)} of {len(ids)} cells to run ({skipped} skipped), "
@@ -359,7 +364,7 @@ class LocalRunner:
         self._pool.shutdown(wait=True)
 
     def _finish(self) -> int:
-        for cid in self.statuses:
+        for cid in self._touched:
             self.statuses[cid] = self._status(cid)
         self.console.summary(self.records, self.statuses, self.sweep_dir)
         return 0 if all(s.state == CellState.DONE for s in self.statuses.values()) else 1

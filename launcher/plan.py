@@ -375,10 +375,13 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
     for cell in plan.cells:
         d = plan.cell_dir(cell.id)
         snap = d / manifest.CONFIG
-        if snap.exists():
-            continue
+        try:
+            if os.path.getsize(snap) > 0:  # empty: a write lost to a crash (no fsync): write again
+                continue
+        except FileNotFoundError:
+            pass
         d.mkdir(parents=True, exist_ok=True)
-        manifest.atomic_write_text(snap, snapshot_yaml(cell.config))
+        manifest.atomic_write_text(snap, snapshot_yaml(cell.config), fsync=False)
         new += 1
     manifest.write_plan(plan.sweep_dir, plan.plan_id, [c.record for c in plan.cells],
                         extra={"overrides": list(argv_overrides), "fingerprint": fingerprint,
@@ -425,9 +428,9 @@ def cached_plan(sweep_dir: Path, job_overrides: Sequence[Sequence[str]], fp: str
     if d is None or not fp or d.get("fingerprint") != fp or len(d.get("job_cells", ())) != len(job_overrides):
         return None
     cells = []
-    root = manifest.cells_root(sweep_dir)
+    root = str(manifest.cells_root(sweep_dir))
     for c in d["cells"]:
-        if not os.path.exists(root / c["id"] / manifest.CONFIG):
+        if not os.path.exists(os.path.join(root, c["id"], manifest.CONFIG)):
             return None
         rec = CellRecord(id=c["id"], overrides=c.get("overrides", []), baseline=c.get("baseline"),
                          role=c.get("role", "proxy"))

@@ -155,9 +155,9 @@ class SweepLauncher(Launcher):
         records = [c.record for c in plan.cells]
         backend = importlib.import_module(f"launcher.{self.backend}")
         EXIT_CODE = backend.run(sweep_dir, records, self.config.hydra.launcher)
-        return [JobReturn(overrides=jobs[i], working_dir=str(plan.cell_dir(cid)) if cid else None,
-                          task_name=self.config.hydra.job.name, status=JobStatus.COMPLETED,
-                          _return_value=cid)
+        root, name = str(sweep_dir / "cells"), str(self.config.hydra.job.name)
+        return [JobReturn(overrides=jobs[i], working_dir=f"{root}/{cid}", task_name=name,
+                          status=JobStatus.COMPLETED, _return_value=cid)
                 for i, cid in enumerate(plan.job_cells)]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,8 +28,8 @@ def collect(sweep_dir: Path, stale_after_s: float = manifest.DEFAULT_STALE_AFTER
             ) -> tuple[list[CellRecord], dict[str, CellStatus]]:
     """The sweep's cells and their effective statuses."""
     records = manifest.read_plans(sweep_dir)
-    root = manifest.cells_root(sweep_dir)
-    statuses = {r.id: manifest.effective_status(manifest.read_status(root / r.id), stale_after_s)
+    root = str(manifest.cells_root(sweep_dir))
+    statuses = {r.id: manifest.effective_status(manifest.read_status(os.path.join(root, r.id)), stale_after_s)
                 for r in records}
     by_backend: dict[str, dict[str, CellStatus]] = {}
     for cid, s in statuses.items():
@@ -53,12 +54,12 @@ def counts_of(statuses: dict[str, CellStatus]) -> dict[str, int]:
 
 
 def as_json(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus]) -> dict:
-    root = manifest.cells_root(sweep_dir)
+    root = str(manifest.cells_root(sweep_dir))
     cells = []
     for r in records:
         s = statuses[r.id]
         cells.append({"id": r.id, "state": s.state.value, "overrides": r.overrides, "attempts": s.attempts,
-                      "dir": str(root / r.id), "role": r.role, "baseline": r.baseline,
+                      "dir": os.path.join(root, r.id), "role": r.role, "baseline": r.baseline,
                       "duration_s": s.duration_s, "error": s.error, "interrupted": s.interrupted,
                       "metrics": s.metrics})
     return {"sweep_dir": str(sweep_dir), "cells": cells, "counts": counts_of(statuses)}
@@ -103,8 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     records, statuses = collect(args.sweep_dir, args.stale_after)
     if args.json:
-        json.dump(as_json(args.sweep_dir, records, statuses), sys.stdout, separators=(",", ":"))
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(as_json(args.sweep_dir, records, statuses), separators=(",", ":")) + "\n")
     else:
         print(as_text(args.sweep_dir, records, statuses))
     return 0

@@ -1,0 +1,118 @@
+"""Launcher overheads, measured: ``python bench/launcher.py [--skip-cells] [--jobs 10000]``.
+
+Prints ``FIGURE <name> <value> (target <op> <value>)`` lines:
+
+- ``cell_overhead_ratio``: (cell wall time − its training wall time) ÷ wall time of
+  ``python -c "import torch, timm"``, median over the cells of a real 3-cell sweep (digits,
+  test_resnet, ``proxy.schedule=1,p,1``, one worker so cells do not compete for cores). The cell wall
+  time is the launcher's (spawn to exit); training time is ``timing.train_s`` of ``result.json``.
+  Everything else — interpreter start, imports, data and model setup, evaluation — is overhead.
+- ``plan_10k_s``: wall time of re-issuing ``python -m launcher`` on a 10,000-job grid whose cells are
+  all DONE (synthetic status files), until it has decided that nothing runs and printed so.
+- ``status_10k_s``: wall time of ``python -m launcher.status SWEEP_DIR --json`` on that sweep.
+
+Also printed, without targets: the first planning of the 10k grid (composition and validation of every
+job, 10k cell folders written) and the parts of a cell's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def run(args: list[str], cwd: Path, check_rc: tuple[int, ...] = (0,)) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=cwd, text=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    if proc.returncode not in check_rc:
+        raise SystemExit(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return dt, proc
+
+
+def figure(name: str, value: float, op: str, target: float, unit: str = "") -> None:
+    print(f"FIGURE {name} {value:.3f} (target {op} {target})" + (f"  # {unit}" if unit else ""), flush=True)
+
+
+def bench_cells(work: Path, repeats: int) -> None:
+    imports = [run([sys.executable, "-c", "import torch, timm"], work)[0] for _ in range(repeats)]
+    t_import = statistics.median(imports)
+    print(f"import torch, timm: median {t_import:.2f}s over {repeats} runs", flush=True)
+    sweep = work / "cells_sweep"
+    _, proc = run([sys.executable, "-m", "launcher", "dataset=digits", "model=test_resnet",
+                   "proxy.schedule=1,p,1", "proxy.threshold=0.1,0.85", "hydra.launcher.workers=1",
+                   f"hydra.sweep.dir={sweep}"], work)
+    ratios = []
+    for cell in sorted((sweep / "cells").iterdir()):
+        status = json.loads((cell / "status.json").read_text())
+        result = json.loads((cell / "result.json").read_text())
+        wall, timing = status["duration_s"], result["timing"]
+        ratios.append((wall - timing["train_s"]) / t_import)
+        parts = "  ".join(f"{k} {v:.2f}" for k, v in timing.items())
+        print(f"cell {cell.name}: wall {wall:.2f}s  ({parts})  overhead/import {ratios[-1]:.2f}", flush=True)
+    figure("cell_overhead_ratio", statistics.median(ratios), "<=", 1.2)
+
+
+def bench_10k(work: Path, n_seeds: int) -> None:
+    from launcher import manifest
+    from launcher.manifest import CellState, CellStatus, Owner
+
+    sweep = work / "sweep_10k"
+    grid = ["model=test_resnet", "proxy.threshold=0.1,0.4,0.8,0.85", "proxy.weight=0.1,0.2,0.4,0.8,0.95",
+            "proxy.subset=0.1,0.2,0.4,0.8,0.95", f"train.seed=range(0,{n_seeds})"]
+    n_jobs = 4 * 5 * 5 * n_seeds
+    cmd = [sys.executable, "-m", "launcher", *grid, f"hydra.sweep.dir={sweep}"]
+    # First launch: rerun=failed selects nothing in a fresh sweep, so it plans, writes and stops.
+    t_first, _ = run(cmd + ["hydra.launcher.rerun=failed"], work, check_rc=(1,))
+    cells = sorted((sweep / "cells").iterdir())
+    print(f"first plan of {n_jobs} jobs ({len(cells)} cells incl. baselines): {t_first:.2f}s", flush=True)
+    owner = Owner.this_process()
+    for cell in cells:
+        s = CellStatus().started_by(owner, pid=1)
+        manifest.write_status(cell, s.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.5}))
+    times = []
+    for _ in range(3):
+        dt, proc = run(cmd, work)
+        assert f"All {len(cells)} cells are DONE; nothing to run." in proc.stdout, proc.stdout[-2000:]
+        times.append(dt)
+    figure("plan_10k_s", min(times), "<=", 2, f"{n_jobs} jobs, {len(cells)} cells, best of 3: "
+           + ", ".join(f"{t:.2f}" for t in times))
+    times = []
+    for _ in range(3):
+        dt, proc = run([sys.executable, "-m", "launcher.status", str(sweep), "--json"], work)
+        counts = json.loads(proc.stdout)["counts"]
+        assert counts["DONE"] == len(cells), counts
+        times.append(dt)
+    figure("status_10k_s", min(times), "<=", 1, f"{len(cells)} cells, best of 3: "
+           + ", ".join(f"{t:.2f}" for t in times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip-cells", action="store_true", help="only the 10k planning/status figures")
+    ap.add_argument("--skip-10k", action="store_true", help="only the cell overhead figure")
+    ap.add_argument("--seeds", type=int, default=100, help="seeds in the 10k grid (100 x 100 = 10,000 jobs)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_launcher_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}  ({os.cpu_count()} cores)", flush=True)
+    if not args.skip_cells:
+        bench_cells(work, args.repeats)
+    if not args.skip_10k:
+        bench_10k(work, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
