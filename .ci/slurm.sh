@@ -29,9 +29,9 @@ waitfor() {  # waitfor SECONDS CMD...: poll every 0.2 s
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 started() { echo "$1" >> "$STATE/started"; }   # remember a pid file whose daemon `up` started
 
-cluster_answers() {
-  command -v sinfo >/dev/null && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)' \
-    && sacct -n -X -S now-1minute >/dev/null 2>&1
+cluster_answers() {  # bounded: without a controller, sinfo retries for ~10 s before it fails
+  command -v sinfo >/dev/null && timeout 3 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)' \
+    && timeout 5 sacct -n -X -S now-1minute >/dev/null 2>&1
 }
 
 install_packages() {
