@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 BAR_FIGURE = "bars_test_acc.png"  # the figure the README shows: keep this name stable
 HYPERPARAMETERS = ("proxy.threshold", "proxy.weight", "proxy.subset")
 MAX_WAITING = 40  # RUNNING / PENDING cells listed by name (failed cells are always all listed)
+MAX_PANELS = 12  # dataset/model panels in the learning-curve figure
 MAX_CURVES = 6  # proxy configurations per learning-curve figure (best by validation accuracy)
 TILE_MIN = 96  # attention-map tiles are upscaled (nearest) to at least this many pixels
 HEADER_H, CAPTION_H, PAD = 18, 14, 4
@@ -237,6 +238,22 @@ def _plt() -> Any:
     return plt
 
 
+def _panels(plt: Any, n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels, up to 3 a row. Margins are fixed (tight_layout measures every text
+    and costs seconds on large figures); legends sit at a fixed place for the same reason."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=100, squeeze=False)
+    fig.subplots_adjust(left=0.09 if cols > 1 else 0.14, right=0.98, bottom=0.14 / rows + 0.04,
+                        top=1 - 0.1 / rows, wspace=0.28, hspace=0.45)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    for ax in flat:
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig, flat[:n]
+
+
 def figure_bars(rows: pd.DataFrame, path: Path, metric: str) -> Optional[Path]:
     """Grouped bars per dataset/model: baseline, proxy (all configurations), proxy (best), ± std."""
     if rows.empty:
@@ -246,7 +263,8 @@ def figure_bars(rows: pd.DataFrame, path: Path, metric: str) -> Optional[Path]:
     colours = ["#7f7f7f", "#1f77b4", "#ff7f0e"]
     x = np.arange(len(rows))
     width = 0.26
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 2), 3.6), dpi=110)
+    fig, (ax,) = _panels(plt, 1, width=max(4.5, 1.5 * len(rows) + 2), height=3.6)
+    fig.subplots_adjust(top=0.86, bottom=0.16)
     for i, (name, colour) in enumerate(zip(series, colours)):
         means = [v[0] for v in rows[name]]
         stds = [0 if math.isnan(v[1]) else v[1] for v in rows[name]]
@@ -254,39 +272,39 @@ def figure_bars(rows: pd.DataFrame, path: Path, metric: str) -> Optional[Path]:
     ax.set_xticks(x, [f"{d}\n{m}" for d, m in zip(rows["dataset"], rows["model"])])
     ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     lo = np.nanmin([v[0] - (0 if math.isnan(v[1]) else v[1]) for s in series for v in rows[s]] + [1.0])
-    ax.set_ylim(max(0.0, lo - 0.1), min(1.0, ax.get_ylim()[1]) if metric.endswith("acc") else None)
+    if metric.endswith("acc"):
+        ax.set_ylim(max(0.0, lo - 0.1), 1.0)
     ax.legend(frameon=False, fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def figure_hyperparameter(df: pd.DataFrame, param: str, path: Path, metric: str) -> Optional[Path]:
-    """Accuracy against one proxy hyperparameter, one line per dataset/model; baseline dashed."""
+def figure_hyperparameters(df: pd.DataFrame, params: Sequence[str], path: Path, metric: str) -> list[str]:
+    """Accuracy against each proxy hyperparameter the sweep varies (one panel each), a line per
+    dataset/model, its baseline dashed. Returns the parameters drawn."""
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
-    if proxy.empty or proxy[param].nunique() < 2:
-        return None
+    drawn = [p for p in params if not proxy.empty and proxy[p].nunique() >= 2]
+    if not drawn:
+        return []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    fig, axes = _panels(plt, len(drawn))
     base = df[(df["state"] == "DONE") & (df["role"] == "baseline")]
-    for i, ((ds, model), g) in enumerate(proxy.groupby(["dataset.name", "model.name"])):
-        stats = g.groupby(param)[metric].agg(["mean", "std"]).sort_index()
-        line = ax.errorbar(stats.index.astype(float), stats["mean"], yerr=stats["std"].fillna(0), marker="o",
-                           capsize=3, label=f"{ds} / {model}")
-        b = base[(base["dataset.name"] == ds) & (base["model.name"] == model)][metric]
-        if len(b):
-            ax.axhline(b.mean(), ls="--", lw=1, color=line[0].get_color())
-    ax.set_xlabel(param)
-    ax.set_ylabel(f"{metric} (mean ± std)")
-    ax.set_title("dashed: baseline (no proxy)", fontsize=8)
-    ax.legend(frameon=False, fontsize=7)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    base_means = base.groupby(["dataset.name", "model.name"])[metric].mean()
+    for ax, param in zip(axes, drawn):
+        for (ds, model), g in proxy.groupby(["dataset.name", "model.name"]):
+            stats = g.groupby(param)[metric].agg(["mean", "std"]).sort_index()
+            line = ax.errorbar(stats.index.astype(float), stats["mean"], yerr=stats["std"].fillna(0),
+                               marker="o", ms=3, capsize=2, label=f"{ds} / {model}")
+            if (ds, model) in base_means.index:
+                ax.axhline(base_means[(ds, model)], ls="--", lw=1, color=line[0].get_color())
+        ax.set_xlabel(param)
+        ax.set_ylabel(f"{metric} (mean ± std)")
+    axes[0].set_title("dashed: baseline (no proxy)", fontsize=8)
+    axes[0].legend(frameon=False, fontsize=7, loc="lower right")
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return drawn
 
 
 def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:
@@ -299,47 +317,51 @@ def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:
     return out
 
 
-def figure_curves(df: pd.DataFrame, ds: str, model: str, labels: dict[str, str], path: Path) -> Optional[Path]:
-    """Validation accuracy per epoch (mean over seeds, band = std) for the baseline and the best
-    proxy configurations; dotted lines mark proxy steps."""
-    done = df[(df["state"] == "DONE") & (df["dataset.name"] == ds) & (df["model.name"] == model)]
+def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: dict[str, str],
+                  path: Path) -> list[tuple[str, str]]:
+    """Validation accuracy per epoch, one panel per dataset/model: the baseline (black) and the
+    MAX_CURVES proxy configurations with the best validation accuracy, mean over seeds with a ±std
+    band; dotted lines mark proxy steps. Returns the (dataset, model) panels drawn."""
+    done = df[(df["state"] == "DONE")]
     if done.empty or "val/acc_best" not in done:
-        return None
-    proxy = done[done["role"] == "proxy"]
-    best = list(proxy.groupby("config_id")["val/acc_best"].mean().sort_values(ascending=False)
-                .index[:MAX_CURVES])
-    chosen = list(done.loc[done["role"] == "baseline", "config_id"].unique()) + best
-    hist = _histories(done[done["config_id"].isin(chosen)])
+        return []
+    pairs = list(pairs)[:MAX_PANELS]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    steps: set[float] = set()
-    for config_id in chosen:
-        g = done[done["config_id"] == config_id]
-        curves = [pd.Series({h["epoch"]: h["val/acc"] for h in hist.get(c, [])}) for c in g["cell_id"]]
-        curves = [c for c in curves if len(c)]
-        if not curves:
-            continue
-        table = pd.concat(curves, axis=1)
-        mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
-        is_base = g["role"].iloc[0] == "baseline"
-        label = labels.get(config_id, config_id)
-        label = label if len(label) < 60 else label[:57] + "…"
-        line, = ax.plot(mean.index, mean.values, color="black" if is_base else None,
-                        lw=2 if is_base else 1.3, label=f"{label} (n={len(curves)})")
-        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
-        if not is_base:
-            steps.update(e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0])).proxy_after)
-    for s in sorted(steps):
-        ax.axvline(s, ls=":", lw=1, color="#d62728")
-    ax.set_xlabel("epoch (dotted: proxy steps)")
-    ax.set_ylabel("val/acc")
-    ax.set_title(f"{ds} / {model}", fontsize=9)
-    ax.legend(frameon=False, fontsize=6)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    fig, axes = _panels(plt, len(pairs), width=5.2, height=3.4)
+    for ax, (ds, model) in zip(axes, pairs):
+        here = done[(done["dataset.name"].astype(str) == ds) & (done["model.name"].astype(str) == model)]
+        proxy = here[here["role"] == "proxy"]
+        best = list(proxy.groupby("config_id")["val/acc_best"].mean().sort_values(ascending=False)
+                    .index[:MAX_CURVES])
+        chosen = list(here.loc[here["role"] == "baseline", "config_id"].unique()) + best
+        hist = _histories(here[here["config_id"].isin(chosen)])
+        steps: set[float] = set()
+        for config_id in chosen:
+            g = here[here["config_id"] == config_id]
+            curves = [pd.Series({h["epoch"]: h["val/acc"] for h in hist.get(c, [])}) for c in g["cell_id"]]
+            curves = [c for c in curves if len(c)]
+            if not curves:
+                continue
+            table = pd.concat(curves, axis=1)
+            mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
+            is_base = g["role"].iloc[0] == "baseline"
+            words = labels.get(config_id, config_id).split()
+            label = " ".join(w for w in words if w not in (f"dataset={ds}", f"model={model}"))
+            label = label if len(label) < 70 else label[:67] + "…"
+            line, = ax.plot(mean.index, mean.values, color="black" if is_base else None,
+                            lw=2 if is_base else 1.2, label=f"{label} (n={len(curves)})")
+            ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
+            if not is_base:
+                steps.update(e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0])).proxy_after)
+        for s in sorted(steps):
+            ax.axvline(s, ls=":", lw=1, color="#d62728")
+        ax.set_xlabel("epoch (dotted: proxy steps)")
+        ax.set_ylabel("val/acc")
+        ax.set_title(f"{ds} / {model}", fontsize=9)
+        ax.legend(frameon=False, fontsize=6, loc="lower right")
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return pairs
 
 
 # ------------------------------------------------------------------------------------ attention maps
@@ -560,15 +582,17 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
         figs = []
         if figure_bars(bar_rows, out / "figures" / BAR_FIGURE, metric):
             figs.append((BAR_FIGURE, "proxy vs baseline per dataset/model"))
-        for param in HYPERPARAMETERS:
-            name = f"{metric.replace('/', '_')}_vs_{param.split('.')[-1]}.png"
-            if figure_hyperparameter(df, param, out / "figures" / name, metric):
-                figs.append((name, f"{metric} against {param}"))
-        for ds, model in sorted(set(map(tuple, df.loc[df["state"] == "DONE", ["dataset.name", "model.name"]]
-                                        .astype(str).values.tolist()))):
-            name = f"curves_{ds}_{model}.png".replace("/", "_")
-            if figure_curves(df, ds, model, labels, out / "figures" / name):
-                figs.append((name, f"validation accuracy per epoch, {ds} / {model}"))
+        name = f"{metric.replace('/', '_')}_vs_hyperparameters.png"
+        drawn = figure_hyperparameters(df, HYPERPARAMETERS, out / "figures" / name, metric)
+        if drawn:
+            figs.append((name, f"{metric} against {', '.join(drawn)}"))
+        pairs = sorted(set(map(tuple, df.loc[df["state"] == "DONE", ["dataset.name", "model.name"]]
+                               .astype(str).values.tolist())))
+        if figure_curves(df, pairs, labels, out / "figures" / "learning_curves.png"):
+            figs.append(("learning_curves.png", "validation accuracy per epoch"))
+            if len(pairs) > MAX_PANELS:
+                md += ["", f"_Learning curves show the first {MAX_PANELS} of {len(pairs)} dataset/model "
+                           "pairs._"]
         md += ["", "## Figures", ""] + [f"![{alt}](figures/{name})" for name, alt in figs]
     if rc.maps > 0:
         pairs = _map_pairs(df, rc.maps)

@@ -481,27 +481,47 @@ def notes_for(interval: Optional[Interval], missing_baselines: int, seeds: int) 
     return "; ".join(notes)
 
 
+def _intervals(groups: Any, level: float) -> pd.DataFrame:
+    """n, mean, std and t-interval bounds of each group of a grouped Series (NaN values ignored)."""
+    agg = groups.agg(["count", "mean", "std"])
+    n = agg["count"].to_numpy()
+    q = np.array([t_quantile(0.5 + level / 2, k - 1) if k >= 2 else math.nan for k in n])
+    half = q * agg["std"].to_numpy() / np.sqrt(np.maximum(n, 1))
+    agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
+    return agg
+
+
+def _notes(paired: np.ndarray, missing: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[str]:
+    return [notes_for(Interval(int(n), math.nan, math.nan, a, b), int(m), int(n))
+            for n, m, a, b in zip(paired, missing, lo, hi)]
+
+
 def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.95) -> pd.DataFrame:
     """One row per proxy configuration (all its seeds): proxy and baseline mean ± std, and the paired
     difference's mean, std and t interval over seeds, with ``note`` saying what weakens the number.
     """
+    cols = ["config_id", "seeds", "paired", "proxy_mean", "proxy_std", "baseline_mean", "baseline_std",
+            "diff_mean", "diff_std", "ci_lo", "ci_hi", "no_baseline", "few_seeds", "contains_zero", "note"]
     diffs = paired_differences(df, metric)
-    rows = []
-    for config_id, g in diffs.groupby("config_id", sort=False):
-        paired = g.dropna(subset=["diff"])
-        iv = mean_interval(paired["diff"], level)
-        p, b = mean_interval(g["proxy"]), mean_interval(paired["baseline"])
-        missing = int(g["diff"].isna().sum())
-        rows.append({"config_id": config_id, "seeds": len(g), "paired": iv.n,
-                     "proxy_mean": p.mean, "proxy_std": p.std, "baseline_mean": b.mean,
-                     "baseline_std": b.std, "diff_mean": iv.mean, "diff_std": iv.std,
-                     "ci_lo": iv.lo, "ci_hi": iv.hi,
-                     "no_baseline": missing, "few_seeds": iv.n < MIN_SEEDS,
-                     "contains_zero": iv.contains_zero,
-                     "note": notes_for(iv, missing, iv.n)})
-    return pd.DataFrame(rows, columns=["config_id", "seeds", "paired", "proxy_mean", "proxy_std",
-                                       "baseline_mean", "baseline_std", "diff_mean", "diff_std", "ci_lo",
-                                       "ci_hi", "no_baseline", "few_seeds", "contains_zero", "note"])
+    if diffs.empty:
+        return pd.DataFrame(columns=cols)
+    g = diffs.groupby("config_id", sort=False)
+    d = _intervals(g["diff"], level)
+    # Baseline statistics over the paired seeds only, so both sides describe the same seeds.
+    b = diffs.assign(baseline=diffs["baseline"].where(diffs["diff"].notna())).groupby(
+        "config_id", sort=False)["baseline"].agg(["mean", "std"])
+    p = g["proxy"].agg(["count", "mean", "std"])
+    out = pd.DataFrame({
+        "config_id": d.index, "seeds": p["count"].to_numpy(), "paired": d["count"].to_numpy(),
+        "proxy_mean": p["mean"].to_numpy(), "proxy_std": p["std"].to_numpy(),
+        "baseline_mean": b["mean"].to_numpy(), "baseline_std": b["std"].to_numpy(),
+        "diff_mean": d["mean"].to_numpy(), "diff_std": d["std"].to_numpy(),
+        "ci_lo": d["lo"].to_numpy(), "ci_hi": d["hi"].to_numpy()})
+    out["no_baseline"] = out["seeds"] - out["paired"]
+    out["few_seeds"] = out["paired"] < MIN_SEEDS
+    out["contains_zero"] = ~((out["ci_lo"] > 0) | (out["ci_hi"] < 0))
+    out["note"] = _notes(out["paired"], out["no_baseline"], out["ci_lo"], out["ci_hi"])
+    return out[cols].reset_index(drop=True)
 
 
 def grouped_paired(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc",
@@ -510,23 +530,27 @@ def grouped_paired(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc"
     and the paired difference averaged per seed first (configurations of one seed share a baseline, so
     they are not independent), then a t interval over seeds.
     """
+    by = list(by)
     diffs = paired_differences(df, metric)
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
-    if proxy.empty:
+    if proxy.empty or diffs.empty:
         return pd.DataFrame()
-    diffs = diffs.merge(proxy[["cell_id", *by]], on="cell_id", how="left")
-    rows = []
-    for key, g in diffs.groupby(list(by), sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        per_seed = g.dropna(subset=["diff"]).groupby("train.seed")["diff"].mean()
-        iv = mean_interval(per_seed, level)
-        acc = mean_interval(g["proxy"])
-        seeds = int(g["train.seed"].nunique())
-        missing = int(g.loc[g["diff"].isna(), "train.seed"].nunique())
-        rows.append({**dict(zip(by, key)), "cells": len(g), "seeds": seeds, "acc_mean": acc.mean,
-                     "acc_std": acc.std, "diff_mean": iv.mean, "diff_std": iv.std, "ci_lo": iv.lo,
-                     "ci_hi": iv.hi, "paired_seeds": iv.n, "note": notes_for(iv, missing, iv.n)})
-    return pd.DataFrame(rows)
+    diffs = diffs.merge(proxy[["cell_id", *[c for c in by if c != "train.seed"]]], on="cell_id", how="left")
+    per_seed = diffs.dropna(subset=["diff"]).groupby(by + ["train.seed"], dropna=False)["diff"].mean()
+    d = _intervals(per_seed.groupby(level=list(range(len(by))), dropna=False), level)
+    g = diffs.groupby(by, dropna=False)
+    acc = g["proxy"].agg(["count", "mean", "std"])
+    seeds = g["train.seed"].nunique()
+    unpaired = diffs[diffs["diff"].isna()].groupby(by, dropna=False)["train.seed"].nunique()
+    out = acc.join(d.add_prefix("d_"), how="left")
+    out = out.assign(seeds=seeds, missing=unpaired.reindex(out.index).fillna(0).astype(int))
+    out["d_count"] = out["d_count"].fillna(0).astype(int)
+    res = out.reset_index().rename(columns={"count": "cells", "mean": "acc_mean", "std": "acc_std",
+                                            "d_mean": "diff_mean", "d_std": "diff_std", "d_lo": "ci_lo",
+                                            "d_hi": "ci_hi", "d_count": "paired_seeds"})
+    res["note"] = _notes(res["paired_seeds"], res["missing"], res["ci_lo"], res["ci_hi"])
+    return res[[*by, "cells", "seeds", "acc_mean", "acc_std", "diff_mean", "diff_std", "ci_lo", "ci_hi",
+                "paired_seeds", "note"]]
 
 
 def baseline_summary(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc") -> pd.DataFrame:
