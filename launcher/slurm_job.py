@@ -171,13 +171,16 @@ class CellJob:
         """Run the cell process to its end (or to an interruption); return the status written."""
         cmd = [self.python or sys.executable, "-m", "proxyattention.cell", str(cell)]
         with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
-            stamp = f"\n=== slurm job {status.job_id} on {status.host}, attempt {status.attempts}, " \
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode()
+            # The same header as a local attempt, plus the Slurm job id.
+            stamp = (f"\n===== attempt {status.attempts} on {status.host} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(cmd)} (slurm job {status.job_id})\n").encode()
             out.write(stamp)
             err.write(stamp)
             out.flush()
             err.flush()
+            # OMP_NUM_THREADS comes from the sbatch script (= cpus_per_task); GPUs from Slurm's gres.
             self._child = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                           env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                            start_new_session=True, preexec_fn=_ignore_usr2)
         status = dataclasses.replace(status, pid=self._child.pid)
         manifest.write_status(cell, status)
