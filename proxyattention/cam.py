@@ -1,7 +1,9 @@
 """Class-activation maps: a batched torch path for the gradient methods, pytorch-grad-cam for the rest.
 
-Claim (``bench/cam.py``): the native path gives the library's maps to 1e-4 and, for GradCAM++ on
-resnet18 at 64 px on CPU, takes well under a third of its time. Where the time goes:
+Claim (``bench/cam.py``): the native path gives the library's maps to 1e-4 (1e-6 measured) and, for
+GradCAM++ on resnet18 (batch 64, 64 px, CPU), takes about a third of the library's time (0.33-0.35 on
+a shared 2-core machine, single thread, CPU clock). That is close to the floor: the native path costs
+about 1.2 forward passes, the library about 3. Where the time goes:
 
 - the library runs the whole model with weight gradients, fills every parameter's ``.grad`` and then
   moves activations and gradients through numpy, resizing image by image with cv2;
