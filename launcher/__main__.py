@@ -54,6 +54,8 @@ def main() -> None:
     argv = quote_schedule_overrides(sys.argv[1:])
     if not any(a in ("-m", "--multirun") for a in argv) and not any(a in _NO_SWEEP_FLAGS for a in argv):
         argv.insert(0, "--multirun")
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv.append("hydra.job.name=launcher")  # not "__main__" in --help and logs
     sys.argv[1:] = argv
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

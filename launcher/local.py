@@ -118,7 +118,7 @@ def _cell_process_alive(pid: int, cell: Path) -> bool:
             cmd = f.read().split(b"\0")
     except OSError:
         return False
-    return str(cell).encode() in cmd
+    return os.path.abspath(cell).encode() in cmd
 
 
 def stop_orphan(status: CellStatus, cell: Path) -> bool:
@@ -190,7 +190,8 @@ class LocalRunner:
             gpu = self.gpus[slot % len(self.gpus)]
             env["CUDA_VISIBLE_DEVICES"] = gpu
             where = f"gpu {gpu}"
-        cmd = [sys.executable, "-m", self.opts.cell_module, str(cell)]
+        # Absolute, so a later launcher from another folder recognises an orphan of this cell.
+        cmd = [sys.executable, "-m", self.opts.cell_module, os.path.abspath(cell)]
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
             header = f"\n===== attempt {status.attempts + 1} on {manifest.HOST} at {stamp}: {' '.join(cmd)}\n"
@@ -350,6 +351,7 @@ class LocalRunner:
         """Ctrl-C / SIGTERM: stop every running cell's process group; workers record CANCELLED."""
         self._stopping.set()
         with self._lock:
+            running = list(self._procs)
             procs = list(self._procs.values())
         for p in procs:
             kill_group(p.pid, signal.SIGTERM)
@@ -362,6 +364,9 @@ class LocalRunner:
             kill_group(p.pid, signal.SIGKILL)
         # The worker threads now see their processes end and write CANCELLED (interrupted).
         self._pool.shutdown(wait=True)
+        for cid in running:
+            status = self._status(cid)
+            self.console.cell(cid, status.state, first_line(status.error))
 
     def _finish(self) -> int:
         for cid in self._touched:
