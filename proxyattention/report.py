@@ -105,6 +105,9 @@ def _states_section(df: pd.DataFrame, labels: dict[str, str]) -> list[str]:
     unfinished = pd.concat([failed, waiting.head(MAX_WAITING)])
     for _, r in unfinished.iterrows():
         err = r.get("error")
+        age = r.get("heartbeat_age_s")
+        if r["state"] == "RUNNING" and isinstance(age, float) and not math.isnan(age):
+            err = f"last heartbeat {age:.0f} s ago"
         rows.append([r["cell_id"], r["state"], labels.get(r["config_id"], ""), r["train.seed"],
                      err if isinstance(err, str) and err else "–"])
     out.append(R.markdown_table(rows, ["cell", "state", "configuration", "seed", "error (last line)"]))
@@ -205,10 +208,12 @@ def _table_explain(df: pd.DataFrame, labels: dict[str, str], level: float) -> Op
             if s is None or s["paired"] == 0:
                 row += ["–", "–"]
                 continue
-            row += [f"{s.baseline_mean:.3g} → {s.proxy_mean:.3g}", R.fmt_diff(s.diff_mean, s.ci_lo, s.ci_hi,
-                                                                               digits=3)]
-            if s.note:
-                notes.add(f"{labels.get(c, c)}: {s.note}")
+            diff = R.fmt_diff(s.diff_mean, s.ci_lo, s.ci_hi, digits=3)
+            row += [f"{s.baseline_mean:.3g} → {s.proxy_mean:.3g}",
+                    diff + (" (contains 0)" if s.paired >= 2 and s.contains_zero else "")]
+            note = R.notes_for(None, int(s.no_baseline), int(s.paired))
+            if note:
+                notes.add(f"{labels.get(c, c)}: {note}")
         rows.append(row)
     text = R.markdown_table(rows, header)
     if notes:
@@ -348,13 +353,14 @@ def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: di
             words = labels.get(config_id, config_id).split()
             label = " ".join(w for w in words if w not in (f"dataset={ds}", f"model={model}"))
             label = label if len(label) < 70 else label[:67] + "…"
-            line, = ax.plot(mean.index, mean.values, color="black" if is_base else None,
+            line, = ax.plot(mean.index, mean.values, color="black" if is_base else None, marker=".",
                             lw=2 if is_base else 1.2, label=f"{label} (n={len(curves)})")
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
             if not is_base:
                 steps.update(e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0])).proxy_after)
         for s in sorted(steps):
             ax.axvline(s, ls=":", lw=1, color="#d62728")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch (dotted: proxy steps)")
         ax.set_ylabel("val/acc")
         ax.set_title(f"{ds} / {model}", fontsize=9)
@@ -462,6 +468,13 @@ def attention_grid(proxy_row: pd.Series, base_row: pd.Series, rc: ReportConfig, 
     cfg = to_trial_config(OmegaConf.load(Path(proxy_row["dir"]) / "config.yaml"))
     seed = int(cfg.train.seed)
     samples, split, bank = _Loaded.get(cfg, seed)
+    for row in (proxy_row, base_row):
+        data = (R._read_json(Path(row["dir"]) / "result.json") or {}).get("data") or {}
+        if data.get("fingerprint") not in (None, samples.fingerprint) or data.get("split") not in (None,
+                                                                                           split.fingerprint):
+            raise RuntimeError(f"the dataset or split of cell {row['cell_id']} changed since it ran "
+                               f"(data {data.get('fingerprint')} → {samples.fingerprint}); its model cannot "
+                               "be shown on the same test images. Rerun the cell (force) to refresh it")
     idx = choose_images(torch.from_numpy(split.test), rc.images, seed)
     x = to_float(bank.get(idx))
     y = bank.labels[idx]

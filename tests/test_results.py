@@ -46,11 +46,11 @@ def write_cell(sweep: Path, cfg, acc=None, state=None, error=None, history=None,
     return d
 
 
-@pytest.fixture()
-def sweep(tmp_path):
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
     """Config A (threshold 0.4): 3 seeds, all paired. Config B (0.85): 2 seeds. Config C (other data):
-    its baseline FAILED. Plus a PENDING cell."""
-    s = tmp_path / "sweep"
+    its baseline FAILED. Plus a PENDING cell. Read-only for the tests."""
+    s = tmp_path_factory.mktemp("results") / "sweep"
     for seed, (p, b) in enumerate([(0.80, 0.78), (0.82, 0.81), (0.84, 0.80)]):
         write_cell(s, trial(seed), p, "DONE", explain={"explain/ad": 40.0 - seed, "explain/ai": 10.0})
         write_cell(s, trial(seed, proxy=False), b, "DONE", explain={"explain/ad": 45.0, "explain/ai": 12.0})
