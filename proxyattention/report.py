@@ -79,10 +79,6 @@ def _iv(mean: float, std: float, n: int) -> str:
     return R.fmt_mean(mean, std, n)
 
 
-def _label_row(df: pd.DataFrame, config_id: str, labels: dict[str, str]) -> str:
-    return labels.get(config_id, config_id)
-
-
 def _states_section(df: pd.DataFrame, labels: dict[str, str]) -> list[str]:
     counts = df["state"].value_counts()
     parts = [f"{counts[s]} {s}" for s in R.STATES if s in counts]
@@ -196,7 +192,7 @@ def _table_explain(df: pd.DataFrame, labels: dict[str, str], level: float) -> Op
     header = ["configuration"]
     for m in metrics:
         arrow = "↑" if R.METRIC_DIRECTIONS[m] else "↓"
-        header += [f"{m.split('/')[1]} {arrow} baseline → proxy", f"Δ [95% CI]"]
+        header += [f"{m.split('/')[1]} {arrow} baseline → proxy", "Δ [95% CI]"]
     summaries = {m: R.paired_summary(df, m, level).set_index("config_id") for m in metrics}
     config_ids = sorted(summaries[metrics[0]].index, key=lambda c: labels.get(c, c))
     rows = []
@@ -649,7 +645,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     counts = df["state"].value_counts().to_dict() if df is not None else {}
     print(f"report: {path}\ntable:  {out / 'results.csv'}\nfigures: {out / 'figures'}"
           + (f"\nmaps:   {out / 'maps'}" if (out / "maps").is_dir() else "")
-          + f"\ncells:  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+          + "\ncells:  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
 
 

@@ -271,6 +271,10 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
         if cid != row["cell_id"]:
             row["problem"] = (row["problem"] + "; " if row["problem"] else "") + \
                 f"folder name differs from the config's cell id {cid}"
+        planned = (plans.get(row["cell_id"]) or {}).get("baseline")
+        if planned and base and planned != base:
+            row["problem"] = (row["problem"] + "; " if row["problem"] else "") + \
+                f"the launcher paired it with {planned}, baseline_of gives {base}"
         row["config_id"] = config_id
         row["role"] = "baseline" if base is None else "proxy"
         row["baseline_id"] = base
