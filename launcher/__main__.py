@@ -18,26 +18,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from proxyattention.schedule import quote_schedule_overrides
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
                    "--cfg", "-c")
 
 
-def quote_schedule_overrides(argv: list[str]) -> list[str]:
-    """``proxy.schedule=20,p,19`` → ``proxy.schedule='20,p,19'``.
+# Hydra's flags that take a value (argparse reads overrides as one positional run, so an added override
+# must join the others rather than follow a flag's value).
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc")
 
-    Unquoted, Hydra would sweep over "20", "p" and "19". A value with a ``p`` step can only be one
-    schedule; to sweep several schedules quote each: ``proxy.schedule="'5,p,4','20,p,19'"``.
-    """
-    out = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        tokens = [t.strip().lower() for t in value.split(",")]
-        if (eq and key.lstrip("+~") == "proxy.schedule" and "," in value and value[:1] not in "'\"["
-                and "p" in tokens and "(" not in value):
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
+
+def with_override(argv: list[str], override: str) -> list[str]:
+    """``argv`` with ``override`` placed among the other overrides, whatever flags surround them."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes_value = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
+                                                  and argv[i + 1] in ("all", "config", "defaults",
+                                                                      "defaults-tree", "plugins", "searchpath"))
+            if takes_value and "=" not in arg and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags + overrides + [override]
 
 
 def main() -> None:
@@ -55,7 +66,7 @@ def main() -> None:
     if not any(a in ("-m", "--multirun") for a in argv) and not any(a in _NO_SWEEP_FLAGS for a in argv):
         argv.insert(0, "--multirun")
     if not any(a.startswith("hydra.job.name=") for a in argv):
-        argv.append("hydra.job.name=launcher")  # not "__main__" in --help and logs
+        argv = with_override(argv, "hydra.job.name=launcher")  # not "__main__" in --help and logs
     sys.argv[1:] = argv
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

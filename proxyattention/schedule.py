@@ -84,3 +84,21 @@ def parse_schedule(text: str | int, key: str = "proxy.schedule") -> Schedule:
         raise ScheduleError(f"{hint}; it ends with 'p' (a proxy step must be followed by epochs)")
     canonical = ",p,".join(str(s) for s in segments)
     return Schedule(text=canonical, segments=tuple(segments))
+
+
+def quote_schedule_overrides(argv: list[str]) -> list[str]:
+    """``proxy.schedule=20,p,19`` → ``proxy.schedule='20,p,19'`` on a command line.
+
+    Unquoted, Hydra reads a comma list as ambiguous (one run) or as a sweep over "20", "p" and "19"
+    (multirun). A value with a ``p`` step can only be one schedule, so it is quoted for the user; to
+    sweep several schedules, quote each: ``proxy.schedule="'5,p,4','20,p,19'"``.
+    """
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        tokens = [t.strip().lower() for t in value.split(",")]
+        if (eq and key.lstrip("+~") == "proxy.schedule" and "," in value and value[:1] not in "'\"["
+                and "p" in tokens and "(" not in value):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out

@@ -37,7 +37,7 @@ from proxyattention.data import (ImageBank, ProxyOverlay, augment, load_or_make_
 from proxyattention.explain import explain_trial
 from proxyattention.models import build_model, find_target_layer
 from proxyattention.proxy import changed_fraction, choose_subset, make_proxies
-from proxyattention.schedule import parse_schedule
+from proxyattention.schedule import parse_schedule, quote_schedule_overrides
 
 log = logging.getLogger(__name__)
 
@@ -513,21 +513,6 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
 
 
 register_configs()
-
-
-def quote_schedule_overrides(argv: list[str]) -> list[str]:
-    """``proxy.schedule=20,p,19`` → ``proxy.schedule='20,p,19'``.
-
-    Hydra reads an unquoted comma list as ambiguous (a list or a sweep); for a single trial a schedule
-    is the only meaning, so the user need not quote it.
-    """
-    out = []
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+~") == "proxy.schedule" and "," in value and value[:1] not in "'\"[":
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
 
 
 def _main() -> None:

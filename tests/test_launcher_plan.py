@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launcher.__main__ import quote_schedule_overrides
+from proxyattention.schedule import quote_schedule_overrides
 from launcher.plan import Composer, PlanError, cached_plan, plan_sweep, write_plan_files
 from launcher.plugin import sweep_name
 from proxyattention.config import cell_id, register_configs

@@ -1,6 +1,6 @@
 import pytest
 
-from proxyattention.schedule import ScheduleError, parse_schedule
+from proxyattention.schedule import ScheduleError, parse_schedule, quote_schedule_overrides
 
 
 @pytest.mark.parametrize("text,segments,epochs,after", [
@@ -34,3 +34,9 @@ def test_rejects_malformed(bad, fragment):
         parse_schedule(bad)
     assert "proxy.schedule" in str(e.value)
     assert fragment in str(e.value)
+
+
+def test_schedule_overrides_need_no_quotes():
+    assert quote_schedule_overrides(["proxy.schedule=20,p,19", "a=1,2", "proxy.schedule='3,p,4'",
+                                     "+proxy.schedule=1,p,1"]) == [
+        "proxy.schedule='20,p,19'", "a=1,2", "proxy.schedule='3,p,4'", "+proxy.schedule='1,p,1'"]

@@ -137,8 +137,3 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     train_mod.train(trial_cfg(tmp_path, "1"), out)
     with pytest.raises(train_mod.TrialError, match="different trial config"):
         train_mod.train(trial_cfg(tmp_path, "1", seed=5), out)
-
-
-def test_schedule_overrides_need_no_quotes():
-    assert train_mod.quote_schedule_overrides(["proxy.schedule=20,p,19", "a=1,2", "proxy.schedule='3'"]) == [
-        "proxy.schedule='20,p,19'", "a=1,2", "proxy.schedule='3'"]
