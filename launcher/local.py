@@ -42,6 +42,14 @@ class Rerun(str, enum.Enum):
     FAILED = "failed"  # only cells that ended FAILED, TIMEOUT or CANCELLED (or were interrupted)
     ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
 
+    @classmethod
+    def parse(cls, value: str) -> "Rerun":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"hydra.launcher.rerun={value!r} is not allowed; choose one of: "
+                             f"{', '.join(r.value for r in cls)}") from None
+
     def wants(self, state: CellState) -> bool:
         if self is Rerun.ALL:
             return True
@@ -69,11 +77,7 @@ class LocalOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: cfg[k] for k in cfg if k in names}
         opts = cls(**kw)
-        try:
-            Rerun(opts.rerun)
-        except ValueError:
-            raise ValueError(f"hydra.launcher.rerun={opts.rerun!r} is not allowed; choose one of: "
-                             f"{', '.join(r.value for r in Rerun)}") from None
+        Rerun.parse(opts.rerun)
         if opts.workers < 1:
             raise ValueError(f"hydra.launcher.workers={opts.workers} must be >= 1")
         if opts.timeout_min is not None and opts.timeout_min <= 0:

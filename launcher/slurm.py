@@ -85,11 +85,7 @@ class SlurmOptions:
                     v = [str(x) for x in v]
                 kw[k] = v
         opts = cls(**kw)
-        try:
-            Rerun(opts.rerun)
-        except ValueError:
-            raise ValueError(f"hydra.launcher.rerun={opts.rerun!r} is not allowed; choose one of: "
-                             f"{', '.join(r.value for r in Rerun)}") from None
+        Rerun.parse(opts.rerun)
         for name in ("timeout_min", "cpus_per_task", "array_parallelism"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"hydra.launcher.{name}={getattr(opts, name)} must be >= 1")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -164,7 +165,7 @@ def _grad_on() -> Iterator[None]:
         yield
 
 
-def _native_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str,
+def _native_batch(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
                   target: TargetLayer, reshape: Optional[Callable]) -> torch.Tensor:
     fn, needs_grads = _NATIVE[method]
     captured: list[torch.Tensor] = []
@@ -188,6 +189,8 @@ def _native_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
         raise RuntimeError(f"target layer {target.name!r} did not run in the forward pass")
     act = captured[0]
     grads = None
+    if targets is None:  # the predicted class, from this same forward pass
+        targets = logits.detach().argmax(1)
     if needs_grads:
         score = logits.gather(1, targets.to(logits.device).view(-1, 1)).sum()
         (grads,) = torch.autograd.grad(score, act)
@@ -199,7 +202,7 @@ def _native_batch(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     return _to_input_size(fn(act, grads), tuple(images.shape[-2:]))
 
 
-def _native_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str,
+def _native_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
                  target: TargetLayer, batch_size: int, channels_last: bool) -> torch.Tensor:
     reshape = reshape_transform_for(model, target)
     if channels_last:
@@ -208,8 +211,9 @@ def _native_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
         model.eval()
         for p in params:
             p.requires_grad_(False)  # no weight gradients, no graph before the target layer
+        chunks = targets.split(batch_size) if targets is not None else [None] * math.ceil(len(images) / batch_size)
         return torch.cat([_native_batch(model, x, t, method, target, reshape)
-                          for x, t in zip(images.split(batch_size), targets.split(batch_size))])
+                          for x, t in zip(images.split(batch_size), chunks)])
 
 
 # --- pytorch-grad-cam ------------------------------------------------------------------------------
@@ -284,13 +288,14 @@ def _library_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     return torch.cat(maps).to(images.device)
 
 
-def compute_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, method: str,
+def compute_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
                  target: TargetLayer, impl: str = "auto", batch_size: int = 64, *,
                  channels_last: Optional[bool] = None) -> torch.Tensor:
     """CAMs of ``targets`` for ``images``, one per image.
 
     images: (N, 3, H, W) float, normalised model input, on the model's device.
-    targets: (N,) long, the class each map explains.
+    targets: (N,) long, the class each map explains; None: the class the model predicts for each image
+    (in eval mode; the native path reads it off its own forward pass, so it costs nothing extra).
     method: one of :func:`cam_method_names`; impl: ``auto`` (native where available), ``native`` or
     ``library`` (pytorch-grad-cam).
     Returns (N, H, W) float32 in [0, 1], min-max normalised per image, on ``images.device``; a map that
@@ -307,7 +312,7 @@ def compute_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
     if impl == "native" and method not in NATIVE_CAM_METHODS:
         raise ValueError(f"method.impl=native has no batched path for method.name={method!r}; "
                          f"native methods: {', '.join(NATIVE_CAM_METHODS)}; use method.impl=auto")
-    if images.ndim != 4 or targets.shape != images.shape[:1]:
+    if images.ndim != 4 or (targets is not None and targets.shape != images.shape[:1]):
         raise ValueError(f"expected images (N, 3, H, W) and targets (N,), got {tuple(images.shape)} "
                          f"and {tuple(targets.shape)}")
     if images.shape[0] == 0:
@@ -322,4 +327,17 @@ def compute_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
                 log.debug("native CAM: channels-last input failed for %s; using NCHW", target.name)
                 channels_last = False
         return _native_cams(model, images, targets, method, target, batch_size, bool(channels_last))
+    if targets is None:
+        targets = _predicted(model, images, batch_size)
     return _library_cams(model, images, targets, method, target, batch_size)
+
+
+def _predicted(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) the class the model predicts for each image in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([model(x).argmax(1) for x in images.split(batch_size)])
+    finally:
+        model.train(was_training)

@@ -245,14 +245,9 @@ def proxy_step(model: torch.nn.Module, bank: ImageBank, overlay: ProxyOverlay, w
         inp = normalize(x)
         if channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
-        if p.target == "true":
-            targets = bank.labels[idx.to(bank.device)]
-        else:  # the class the model chooses for the un-augmented image
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                targets = model(inp).argmax(1)
-            model.train(was_training)
+        # predicted: the class the model chooses for the un-augmented image (None = read off the CAM's
+        # own forward pass).
+        targets = bank.labels[idx.to(bank.device)] if p.target == "true" else None
         cams = compute_cams(model, inp, targets, cfg.method.name, target_layer, impl=cfg.method.impl,
                             batch_size=cfg.method.batch_size)
         proxies = make_proxies(x, cams, p.threshold, p.weight, p.mode)

@@ -47,6 +47,20 @@ def test_native_matches_pytorch_grad_cam(setups, model_name, method):
     assert (native - library).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["native", "library"])
+def test_no_targets_explain_the_predicted_class(setups, impl):
+    model, target, images, _ = setups["test_resnet"]
+    model.train()
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(1)
+    model.train()
+    assert torch.equal(predicted[:3], setups["test_resnet"][3][:3])
+    implicit = compute_cams(model, images, None, "gradcampp", target, impl=impl, batch_size=4)
+    explicit = compute_cams(model, images, predicted, "gradcampp", target, impl=impl, batch_size=4)
+    assert torch.allclose(implicit, explicit, atol=1e-6)
+    assert model.training
+
+
 def test_maps_are_normalised_per_image_or_all_zero(setups):
     model, target, images, targets = setups["test_resnet"]
     cams = compute_cams(model, images, targets, "gradcam", target)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from waiting import wait_for
+
 pytestmark = pytest.mark.slow
 
 FAST = ("dataset=digits", "model=test_resnet", "explain.enabled=false")
@@ -38,16 +40,6 @@ def cells(sweep: Path) -> dict[str, dict]:
     out = subprocess.run([sys.executable, "-m", "launcher.status", str(sweep), "--json"], text=True,
                          capture_output=True, check=True).stdout
     return {c["id"]: c for c in json.loads(out)["cells"]}
-
-
-def wait_for(pred, timeout: float = 120, step: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
 
 
 def attempts_logged(cell: Path) -> int:

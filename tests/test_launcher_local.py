@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from waiting import wait_for
+
 FAKE_CELL = r'''
 import json, os, subprocess, sys, time, yaml
 cell = sys.argv[1]
@@ -70,16 +72,6 @@ def cells(sweep: Path) -> dict[str, dict]:
 def runs(sweep: Path, cid: str) -> int:
     log = sweep / "cells" / cid / "runs.log"
     return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-def wait_for(pred, timeout: float = 60, step: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
 
 
 def test_sweep_runs_every_cell_once_then_nothing(fake):

@@ -14,11 +14,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
+
+from waiting import wait_for as _wait_for
+
+
+def wait_for(pred, timeout: float, what: str):
+    """Poll every 2 s: each poll may ask squeue/sacct."""
+    return _wait_for(pred, timeout, what, step=2.0)
 
 from launcher.manifest import CellState, CellStatus
 from launcher.slurm import SlurmOptions, chunks, sbatch_script
@@ -74,16 +80,6 @@ def status(sweep: Path, as_json: bool = True):
     args = [sys.executable, "-m", "launcher.status", str(sweep)] + (["--json"] if as_json else [])
     out = subprocess.run(args, text=True, capture_output=True, check=True, timeout=120).stdout
     return {c["id"]: c for c in json.loads(out)["cells"]} if as_json else out
-
-
-def wait_for(pred: Callable[[], object], timeout: float, what: str, step: float = 2.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def record(sweep: Path, cid: str) -> dict:
