@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -93,13 +94,20 @@ def _hash(*parts: bytes | str) -> str:
 
 @source("digits")
 def load_digits(cfg: Any) -> Samples:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), upscaled to RGB uint8."""
-    from sklearn.datasets import load_digits as sk_digits
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), upscaled to RGB uint8.
 
-    d = sk_digits()
-    gray = np.round(d.images / 16.0 * 255.0).astype(np.uint8)  # values are 0..16
+    Read straight from the file scikit-learn ships (what ``sklearn.datasets.load_digits`` reads):
+    importing scikit-learn would cost a sweep cell about a second of start-up.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DataError("dataset=digits needs scikit-learn's bundled digits.csv.gz; install scikit-learn "
+                        "(`pip install scikit-learn`)")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    gray = np.round(table[:, :-1].reshape(-1, 8, 8) / 16.0 * 255.0).astype(np.uint8)  # values are 0..16
     rgb = np.repeat(gray[..., None], 3, axis=-1)
-    labels = d.target.astype(np.int64)
+    labels = table[:, -1].astype(np.int64)
     return Samples(name="digits", classes=[str(c) for c in range(10)], labels=labels, images=rgb,
                    fingerprint=_hash(rgb.tobytes(), labels.tobytes()))
 

@@ -24,6 +24,15 @@ def test_digits_are_real_and_embedded(tmp_path):
     assert s.images.max() == 255 and len(np.unique(s.images)) > 10
 
 
+def test_digits_match_scikit_learns_loader(tmp_path):
+    from sklearn.datasets import load_digits as sk_digits
+
+    s = load_samples(ds_cfg(tmp_path))
+    d = sk_digits()
+    assert np.array_equal(s.labels, d.target)
+    assert np.array_equal(s.images[..., 1], np.round(d.images / 16 * 255).astype(np.uint8))
+
+
 def test_split_is_stratified_disjoint_and_deterministic():
     labels = np.repeat(np.arange(5), [100, 60, 40, 20, 7])
     a = make_split(labels, seed=0, val_fraction=0.15, test_fraction=0.15)
