@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from proxyattention.trial_io import read_json  # noqa: F401  (stdlib only; part of this module's API)
+
 CELLS = "cells"
 PLANS = "plans"
 STATUS = "status.json"
@@ -212,14 +214,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def read_json(path: Path | str) -> Optional[dict]:
-    """The JSON object in ``path``, or None when it is missing or not (yet) a complete JSON object."""
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:
     out = {}
     for cid, rp in zip(rows["cell_id"], rows.get("result_path", pd.Series([None] * len(rows)))):
         if isinstance(rp, str):
-            d = R._read_json(Path(rp))
+            d = R.read_json(Path(rp))
             if d:
                 out[cid] = d.get("history", [])
     return out
@@ -465,7 +465,7 @@ def attention_grid(proxy_row: pd.Series, base_row: pd.Series, rc: ReportConfig, 
     seed = int(cfg.train.seed)
     samples, split, bank = _Loaded.get(cfg, seed)
     for row in (proxy_row, base_row):
-        data = (R._read_json(Path(row["dir"]) / "result.json") or {}).get("data") or {}
+        data = (R.read_json(Path(row["dir"]) / "result.json") or {}).get("data") or {}
         if data.get("fingerprint") not in (None, samples.fingerprint) or data.get("split") not in (None,
                                                                                            split.fingerprint):
             raise RuntimeError(f"the dataset or split of cell {row['cell_id']} changed since it ran "

@@ -30,6 +30,7 @@ import yaml
 
 from proxyattention import config as trial_config
 from proxyattention.schedule import parse_schedule
+from proxyattention.trial_io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,6 @@ def _exact_ids(snapshot: dict) -> tuple[str, str, Optional[str]]:
 
 # ---------------------------------------------------------------------------------------- loading
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        with open(path, "rb") as f:
-            d = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
 
 
 def _plans(sweep: Path) -> dict[str, dict]:
@@ -168,7 +162,7 @@ def _plans(sweep: Path) -> dict[str, dict]:
     if not plan_dir.is_dir():
         return out
     for path in sorted(plan_dir.glob("*.json")):
-        for c in (_read_json(path) or {}).get("cells", []):
+        for c in (read_json(path) or {}).get("cells", []):
             if isinstance(c, dict) and "id" in c:
                 out.setdefault(c["id"], c)
     return out
@@ -183,9 +177,9 @@ def _first_line(text: Optional[str], limit: int = 160) -> str:
 
 
 def _cell_row(cell: Path, snapshot: dict, now: float) -> dict[str, Any]:
-    status = _read_json(cell / "status.json")
-    result = _read_json(cell / "result.json")
-    error = _read_json(cell / "error.json")
+    status = read_json(cell / "status.json")
+    result = read_json(cell / "result.json")
+    error = read_json(cell / "error.json")
     done = result is not None and result.get("status") == "done"
     if status is not None:
         state = str(status.get("state", "PENDING"))
@@ -316,7 +310,7 @@ def check_tensorboard(cell_dir: str | Path, rel_tol: float = 1e-5) -> list[str]:
     epoch (``test/*``, ``explain/*``).
     """
     cell = Path(cell_dir)
-    result = _read_json(cell / "result.json")
+    result = read_json(cell / "result.json")
     if result is None:
         return [f"{cell}: no result.json"]
     if not (cell / "tb").is_dir():

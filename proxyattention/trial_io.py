@@ -6,7 +6,7 @@ import json
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 CONFIG = "config.yaml"
 RESULT = "result.json"
@@ -32,3 +32,13 @@ def write_error(out_dir: Path, exc: BaseException) -> None:
         "error": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     })
+
+
+def read_json(path: Path | str) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing or not (yet) a complete JSON object."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
