@@ -6,7 +6,7 @@ launcher is gone shows as CANCELLED (interrupted). Cells run by another backend 
 "slurm"`` in their status) are refreshed by that backend's ``launcher.<backend>.refresh_status(
 sweep_dir, {cell_id: CellStatus}) -> {cell_id: CellStatus}`` when it defines one (sacct for Slurm).
 
-``--json`` prints ``{"sweep_dir", "cells": [{"id", "state", "overrides", "attempts", "dir",
+``--json`` prints ``{"sweep_dir", "cells": [{"id", "state", "overrides", "attempts", "dir", "job_id",
 "role", "baseline", "duration_s", "error", "interrupted", "metrics"}, …], "counts": {STATE: n}}``.
 """
 
@@ -61,7 +61,7 @@ def as_json(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
         cells.append({"id": r.id, "state": s.state.value, "overrides": r.overrides, "attempts": s.attempts,
                       "dir": os.path.join(root, r.id), "role": r.role, "baseline": r.baseline,
                       "duration_s": s.duration_s, "error": s.error, "interrupted": s.interrupted,
-                      "metrics": s.metrics})
+                      "metrics": s.metrics, "job_id": s.job_id})
     return {"sweep_dir": str(sweep_dir), "cells": cells, "counts": counts_of(statuses)}
 
 
@@ -76,7 +76,7 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
         label = labels.get(r.id, "") or "-"
         if r.role == "baseline":
             label = f"[baseline] {label}"
-        state = s.state.value + (" (interrupted)" if s.interrupted else "")
+        state = s.state.value + (" (interrupted)" if s.interrupted else "") + (f" job {s.job_id}" if s.job_id else "")
         rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_acc(s), label])
         if s.error and s.state != CellState.DONE:
             lines = s.error.strip().splitlines()[-error_lines:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -154,12 +156,14 @@ def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
     write_plan_files(plan)
     done, failed, _ = [plan.cell_dir(c.id) for c in plan.cells]
     s = CellStatus().started_by(Owner.this_process(), pid=1)
-    manifest.write_status(done, s.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.75}))
+    manifest.write_status(done, dataclasses.replace(s.finished(CellState.DONE, exit_code=0,
+                                                               metrics={"test/acc": 0.75}), job_id="4242_0"))
     manifest.write_status(failed, s.finished(CellState.FAILED, exit_code=1, error="Traceback\nValueError: bad"))
     proc = run_module("launcher.status", str(tmp_path), "--json", cwd=tmp_path, check=True)
     out = json.loads(proc.stdout)
     assert out["counts"] == {"PENDING": 1, "RUNNING": 0, "DONE": 1, "FAILED": 1, "TIMEOUT": 0, "CANCELLED": 0}
     assert {"id", "state", "overrides", "attempts", "dir"} <= set(out["cells"][0])
     assert [c["state"] for c in out["cells"]] == ["DONE", "FAILED", "PENDING"]
+    assert [c["job_id"] for c in out["cells"]] == ["4242_0", None, None]
     text = run_module("launcher.status", str(tmp_path), cwd=tmp_path, check=True).stdout
-    assert "ValueError: bad" in text and "0.7500" in text and "1 DONE, 1 FAILED" in text.replace("1 PENDING, ", "")
+    assert "ValueError: bad" in text and "0.7500" in text and "DONE job 4242_0" in text and "1 DONE, 1 FAILED" in text.replace("1 PENDING, ", "")
