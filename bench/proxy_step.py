@@ -9,7 +9,6 @@ tenth of a training epoch — target ratio <= 0.10.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 

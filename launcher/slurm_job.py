@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from launcher import manifest
 from launcher.manifest import CellState, CellStatus, Claim, Owner

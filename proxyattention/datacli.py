@@ -27,7 +27,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
