@@ -347,6 +347,7 @@ class ImageBank:
         keep = in_memory == "yes" or (in_memory == "auto" and nbytes <= max_memory_mb * 2**20)
         self.images: Optional[Tensor] = None
         self.dataset: Optional[_PathDataset] = None
+        self.host: Optional[np.ndarray] = None  # decoded arrays kept at their own size, resized per batch
         if samples.images is not None and keep:
             self.images = resize_array(samples.images, size).to(device)
         elif samples.paths is not None:
@@ -357,7 +358,6 @@ class ImageBank:
         else:  # decoded arrays too large for the device: keep them at their own size on the host and
             # resize per batch (CIFAR-100 at 224 px would take 9 GB resized, 180 MB as stored)
             self.host = samples.images
-            self.images = None
         log.info("images: %d at %dx%d, %s", len(samples), size, size,
                  "held on " + str(device) if self.images is not None else "streamed")
 

@@ -484,7 +484,7 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
     _setup_logging(out)
     try:
         trial_cfg = to_trial_config(cfg)
-    except (ConfigError, Exception) as e:  # omegaconf raises its own types for wrong keys/types
+    except Exception as e:  # ConfigError, or omegaconf's own errors for wrong keys and types
         trial_io.write_error(out, e)
         print(f"error: {e}", file=sys.stderr)
         return 2
