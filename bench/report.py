@@ -55,7 +55,7 @@ def synthetic_sweep(root: Path, cells: int = 1000, tensorboard: bool = True, see
         cfg["model"]["name"] = model
         cfg["proxy"].update(threshold=th, weight=w, subset=sub)
         cfg["train"]["seed"] = s
-        full = R._complete(cfg)
+        full = R.identity.complete(cfg)
         cid, _, bid = R.ids_for(full)
         level = {"digits": 0.9, "shapes": 0.7}[ds] + (0.02 if model == "test_resnet" else 0.0)
         if bid not in baselines:

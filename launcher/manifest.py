@@ -45,269 +45,27 @@ the cell writes its results. No file has two writers.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import os
-import secrets
 import shutil
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
-from proxyattention.trial_io import read_json  # noqa: F401  (stdlib only; part of this module's API)
+from proxyattention.cellstate import (CELLS, DEFAULT_STALE_AFTER_S, HOST, STATUS, CellState,  # noqa: F401
+                                      CellStatus, Owner, cell_dir, cells_root, effective_status,
+                                      owner_gone, pid_alive, process_start, read_result, read_status,
+                                      write_status)
+from proxyattention.fileio import (CONFIG, ERROR, RESULT, read_json, write_json_atomic,  # noqa: F401
+                                   write_text_atomic)
 
-CELLS = "cells"
 PLANS = "plans"
-STATUS = "status.json"
-RESULT = "result.json"
-ERROR = "error.json"
-CONFIG = "config.yaml"
 STDOUT = "stdout.log"
 STDERR = "stderr.log"
 PREVIOUS = "previous"
 CLAIM_PREFIX = "claim."
-
-# A RUNNING cell on another host whose heartbeat is older than this is taken as interrupted. On the
-# owner's own host the pid decides, so this only matters across machines (shared filesystem).
-DEFAULT_STALE_AFTER_S = 120.0
 ERROR_TAIL_LINES = 12
-
-HOST = socket.gethostname()
-
-
-class CellState(str, enum.Enum):
-    """Where a cell stands. The value is the name, so ``status.json`` reads ``"state": "DONE"``."""
-
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    DONE = "DONE"
-    FAILED = "FAILED"
-    TIMEOUT = "TIMEOUT"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def finished(self) -> bool:
-        """Ended, one way or another (not PENDING, not RUNNING)."""
-        return self not in (CellState.PENDING, CellState.RUNNING)
-
-    @property
-    def failed(self) -> bool:
-        """Ended without a result: what ``rerun=failed`` reruns."""
-        return self in (CellState.FAILED, CellState.TIMEOUT, CellState.CANCELLED)
-
-
-@dataclass
-class Owner:
-    """Who holds a claim: a process on a host (local), or a Slurm job (``job_id``)."""
-
-    host: str
-    pid: int
-    start: Optional[int]  # the pid's start time in clock ticks since boot: guards against pid reuse
-    token: str
-    backend: str = "local"
-    job_id: Optional[str] = None
-
-    @classmethod
-    def this_process(cls, backend: str = "local", job_id: Optional[str] = None) -> "Owner":
-        pid = os.getpid()
-        return cls(host=HOST, pid=pid, start=process_start(pid), token=secrets.token_hex(8),
-                   backend=backend, job_id=job_id)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Owner":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-_STATUS_FIELDS: set[str] = set()
-
-
-@dataclass
-class CellStatus:
-    """The content of ``status.json``. Times are Unix seconds.
-
-    ``pid`` is the cell process (the local child); ``owner_pid``/``host`` the process that owns the
-    claim and writes this file; ``job_id`` the Slurm job, if any. ``metrics`` holds the few final
-    metrics the summary and ``launcher.status`` show (so they never have to open ``result.json``).
-    """
-
-    state: CellState = CellState.PENDING
-    attempts: int = 0
-    backend: Optional[str] = None
-    host: Optional[str] = None
-    owner_pid: Optional[int] = None
-    owner_start: Optional[int] = None
-    pid: Optional[int] = None
-    job_id: Optional[str] = None
-    started: Optional[float] = None
-    heartbeat: Optional[float] = None
-    ended: Optional[float] = None
-    duration_s: Optional[float] = None
-    exit_code: Optional[int] = None
-    error: Optional[str] = None
-    interrupted: bool = False
-    metrics: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["state"] = self.state.value
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CellStatus":
-        names = _STATUS_FIELDS or _STATUS_FIELDS.update(f.name for f in dataclasses.fields(cls)) or _STATUS_FIELDS
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["state"] = CellState(kw.get("state", "PENDING"))
-        return cls(**kw)
-
-    def started_by(self, owner: Owner, pid: Optional[int] = None) -> "CellStatus":
-        """A new attempt: RUNNING, ``attempts + 1``, owner and pid recorded, heartbeat now."""
-        now = time.time()
-        return dataclasses.replace(
-            self, state=CellState.RUNNING, attempts=self.attempts + 1, backend=owner.backend,
-            host=owner.host, owner_pid=owner.pid, owner_start=owner.start, pid=pid, job_id=owner.job_id,
-            started=now, heartbeat=now, ended=None, duration_s=None, exit_code=None, error=None,
-            interrupted=False, metrics={})
-
-    def beat(self) -> "CellStatus":
-        return dataclasses.replace(self, heartbeat=time.time())
-
-    def finished(self, state: CellState, *, exit_code: Optional[int] = None, error: Optional[str] = None,
-                 metrics: Optional[dict] = None, interrupted: bool = False) -> "CellStatus":
-        now = time.time()
-        return dataclasses.replace(
-            self, state=state, ended=now, heartbeat=now, exit_code=exit_code, error=error,
-            duration_s=None if self.started is None else round(now - self.started, 3),
-            metrics=metrics or {}, interrupted=interrupted)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a unique temp file beside it, then ``os.replace``.
-
-    Readers never see a partial file either way; ``fsync`` adds durability across a power loss, at
-    ~ms a file (10,000 cell snapshots: minutes on a virtual disk), so bulk writers may skip it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# Folders
-
-
-def cells_root(sweep_dir: Path) -> Path:
-    return Path(sweep_dir) / CELLS
-
-
-def cell_dir(sweep_dir: Path, cell_id: str) -> Path:
-    """The folder of one cell: ``SWEEP_DIR/cells/<cell_id>`` (deterministic: no dates, no job numbers)."""
-    return Path(sweep_dir) / CELLS / cell_id
-
-
-def read_status(cell: Path | str) -> CellStatus:
-    """The cell's recorded status; PENDING when it never started."""
-    d = read_json(os.path.join(cell, STATUS))  # type: ignore[arg-type]  # str paths: 10k cells/s matter
-    return CellStatus() if d is None else CellStatus.from_dict(d)
-
-
-def write_status(cell: Path, status: CellStatus) -> None:
-    """Replace ``status.json`` atomically. Call only while holding the cell's claim (one writer)."""
-    atomic_write_json(Path(cell) / STATUS, status.to_dict())
-
-
-def read_result(cell: Path) -> Optional[dict]:
-    """``result.json`` if it parses and says ``"status": "done"``, else None."""
-    d = read_json(Path(cell) / RESULT)
-    return d if d is not None and d.get("status") == "done" else None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Liveness
-
-
-def process_start(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), None if unknown or gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its closing ')'.
-    fields = stat[stat.rindex(b")") + 2:].split()
-    try:
-        return int(fields[19])  # field 22 of /proc/PID/stat
-    except (IndexError, ValueError):
-        return None
-
-
-def pid_alive(pid: int, start: Optional[int] = None) -> bool:
-    """Whether ``pid`` runs on this host (and, when ``start`` is known, is the same process)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start is not None:
-        now_start = process_start(pid)
-        if now_start is not None and now_start != start:
-            return False
-    return True
-
-
-def owner_gone(host: Optional[str], pid: Optional[int], start: Optional[int], heartbeat: Optional[float],
-               stale_after_s: float = DEFAULT_STALE_AFTER_S, now: Optional[float] = None) -> bool:
-    """Whether the owner of a claim or RUNNING status can no longer be working on the cell.
-
-    On this host the pid decides (a live pid is trusted however old its heartbeat). Elsewhere only the
-    heartbeat can tell: older than ``stale_after_s`` means gone.
-    """
-    if host == HOST and pid is not None:
-        return not pid_alive(pid, start)
-    if heartbeat is None:
-        return True
-    return (now if now is not None else time.time()) - heartbeat > stale_after_s
-
-
-def effective_status(status: CellStatus, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-                     now: Optional[float] = None) -> CellStatus:
-    """The status as it really is: a RUNNING cell whose owner is gone is CANCELLED, ``interrupted``.
-
-    Backends that know better (Slurm via sacct) refine RUNNING cells of their own ``backend`` further.
-    """
-    if status.state != CellState.RUNNING or status.backend not in (None, "local"):
-        return status
-    if not owner_gone(status.host, status.owner_pid, status.owner_start, status.heartbeat,
-                      stale_after_s, now):
-        return status
-    who = f"pid {status.owner_pid} on {status.host}"
-    return dataclasses.replace(status, state=CellState.CANCELLED, interrupted=True,
-                               error=f"interrupted: its launcher ({who}) is gone; rerun to resume")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,7 +283,7 @@ def write_plan(sweep_dir: Path, plan_id: str, cells: Iterable[CellRecord], extra
     """Record a sweep definition as ``plans/<plan_id>.json`` (atomic; identical content if rewritten)."""
     path = Path(sweep_dir) / PLANS / f"{plan_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"version": 1, **(extra or {}), "cells": [c.to_dict() for c in cells]})
+    write_json_atomic(path, {"version": 1, **(extra or {}), "cells": [c.to_dict() for c in cells]})
     return path
 
 

@@ -16,7 +16,6 @@ both ways and compared (config and cell id); any difference turns the shortcut o
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher import manifest
 from launcher.manifest import CellRecord
-from proxyattention.config import (GROUP_SCHEMAS, VOLATILE_KEYS, ConfigError, MethodConfig, ProxyConfig,
-                                   cell_id, to_trial_config, validate)
+from proxyattention import identity
+from proxyattention.config import GROUP_SCHEMAS, ConfigError, to_trial_config, validate
 from proxyattention.schedule import ScheduleError, parse_schedule
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Canonical form and id of a plain trial dict (mirrors proxyattention.config.canonical / cell_id)
+# Validation of a plain trial dict
 
 
 class _View:
@@ -96,45 +95,6 @@ class _View:
     def __getitem__(self, key: str) -> Any:
         v = self._d[key]
         return _View(v) if isinstance(v, dict) else v
-
-
-_PROXY_DEFAULTS = dataclasses.asdict(ProxyConfig())
-_METHOD_DEFAULTS = dataclasses.asdict(MethodConfig())
-
-
-def _is_baseline(plain: dict) -> bool:
-    p = plain["proxy"]
-    return (not p["enabled"]) or not parse_schedule(p["schedule"]).has_proxy
-
-
-def _normalised(plain: dict) -> dict:
-    """A baseline's proxy and method groups reset, as ``config.canonical`` does (volatile keys kept)."""
-    c = dict(plain)
-    if _is_baseline(c):
-        c["proxy"] = {**_PROXY_DEFAULTS, "enabled": False,
-                      "schedule": parse_schedule(c["proxy"]["schedule"]).baseline.text}
-        c["method"] = dict(_METHOD_DEFAULTS)
-    return c
-
-
-def _canonical(plain: dict) -> dict:
-    c = {g: dict(v) for g, v in _normalised(plain).items()}
-    for key in VOLATILE_KEYS:
-        group, name = key.split(".")
-        c[group].pop(name, None)
-    return c
-
-
-def _id(plain: dict) -> str:
-    blob = json.dumps(_canonical(plain), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _baseline(plain: dict) -> dict:
-    c = {g: dict(v) for g, v in plain.items()}
-    c["proxy"]["enabled"] = False
-    c["proxy"]["schedule"] = parse_schedule(c["proxy"]["schedule"]).baseline.text
-    return c
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,7 +230,7 @@ class Composer:
         if gkey not in self._checked:
             self._checked.add(gkey)
             reference = self.slow(overrides)
-            if reference != plain or cell_id(OmegaConf.create(reference)) != _id(plain):
+            if reference != plain:
                 log.warning("planning shortcut disagrees with Hydra for %s; composing every job through "
                             "Hydra (slower)", " ".join(overrides))
                 self.fast = False
@@ -337,18 +297,16 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
                 errors.append(str(e))
             job_cells.append("")
             continue
-        if _is_baseline(plain):
-            cid = _id(plain) if composer.fast else cell_id(OmegaConf.create(plain))
-            add(cid, CellRecord(id=cid, overrides=list(overrides), role="baseline"), _normalised(plain))
+        if identity.is_baseline(plain):
+            cid = identity.cell_id(plain)
+            add(cid, CellRecord(id=cid, overrides=list(overrides), role="baseline"), identity.normalised(plain))
         else:
-            base = _baseline(plain)
-            if composer.fast:
-                cid, bid = _id(plain), _id(base)
-            else:
-                cid, bid = cell_id(OmegaConf.create(plain)), cell_id(OmegaConf.create(base))
+            base = identity.baseline_of(plain)
+            cid, bid = identity.cell_id(plain), identity.cell_id(base)
             add(bid, CellRecord(id=bid, overrides=baseline_overrides(overrides, base["proxy"]["schedule"]),
-                                role="baseline"), _normalised(base))
-            add(cid, CellRecord(id=cid, overrides=list(overrides), baseline=bid, role="proxy"), plain)
+                                role="baseline"), base)
+            add(cid, CellRecord(id=cid, overrides=list(overrides), baseline=bid, role="proxy"),
+                identity.complete(plain))
         job_cells.append(cid)
     if errors:
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
@@ -381,7 +339,7 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
         except FileNotFoundError:
             pass
         d.mkdir(parents=True, exist_ok=True)
-        manifest.atomic_write_text(snap, snapshot_yaml(cell.config), fsync=False)
+        manifest.write_text_atomic(snap, snapshot_yaml(cell.config), fsync=False)
         new += 1
     manifest.write_plan(plan.sweep_dir, plan.plan_id, [c.record for c in plan.cells],
                         extra={"overrides": list(argv_overrides), "fingerprint": fingerprint,
@@ -399,10 +357,12 @@ def fingerprint(config_dirs: Sequence[Path]) -> str:
     import hydra
 
     import proxyattention.config
+    import proxyattention.identity
     import proxyattention.schedule
 
     h = hashlib.sha256(f"hydra {hydra.__version__}\n".encode())
-    files = [Path(proxyattention.config.__file__), Path(proxyattention.schedule.__file__), Path(__file__)]
+    files = [Path(m.__file__) for m in (proxyattention.config, proxyattention.identity, proxyattention.schedule)]
+    files.append(Path(__file__))
     for d in config_dirs:
         if Path(d).is_dir():
             files += sorted(p for p in Path(d).rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())

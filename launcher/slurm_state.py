@@ -78,7 +78,7 @@ def read_record(cell: Path) -> Optional[SlurmRecord]:
 
 
 def write_record(cell: Path, record: SlurmRecord) -> None:
-    manifest.atomic_write_json(Path(cell) / RECORD, record.to_dict())
+    manifest.write_json_atomic(Path(cell) / RECORD, record.to_dict())
 
 
 def _run(cmd: list[str], timeout: float = 60.0) -> Optional[str]:

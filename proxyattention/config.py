@@ -4,13 +4,12 @@ Each group in ``conf/`` (dataset, model, method, proxy, train) fills one of thes
 misspelt key or a wrong type is an error at composition time. Value ranges and choices that a dataclass
 cannot express are checked by :func:`validate`, before any data is loaded.
 
-No torch here: the launcher imports this module to validate and identify cells.
+No torch here: the launcher imports this module to validate cells before any starts.
+Cell identity lives in :mod:`proxyattention.identity`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,11 +32,6 @@ PROXY_TARGETS = ("predicted", "true")
 DATASET_SOURCES = ("digits", "imagefolder", "cifar100", "caltech101", "places365", "shapes")
 IN_MEMORY = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda")
-
-# Keys that never change what a trial computes: excluded from cell identity.
-VOLATILE_KEYS: tuple[str, ...] = (
-    "train.device", "train.num_threads", "train.progress", "dataset.num_workers", "dataset.cache_dir",
-)
 
 
 class ConfigError(ValueError):
@@ -219,40 +213,3 @@ def to_trial_config(cfg: DictConfig | dict) -> DictConfig:
     merged = OmegaConf.merge(schema, plain)
     validate(merged)
     return merged
-
-
-def is_baseline(cfg: Any) -> bool:
-    return (not cfg.proxy.enabled) or not parse_schedule(cfg.proxy.schedule).has_proxy
-
-
-def canonical(cfg: DictConfig) -> dict:
-    """The trial as it affects results: resolved, volatile keys dropped, baselines normalised.
-
-    For a baseline the proxy hyperparameters and the CAM method have no effect, so they are reset to
-    their defaults and the schedule to its epoch count: every proxy cell that pairs with the same
-    baseline names the same baseline.
-    """
-    c = to_trial_config(cfg)
-    if is_baseline(c):
-        c.proxy = OmegaConf.structured(ProxyConfig(enabled=False,
-                                                   schedule=parse_schedule(c.proxy.schedule).baseline.text))
-        c.method = OmegaConf.structured(MethodConfig())
-    plain = OmegaConf.to_container(c, resolve=True)
-    for key in VOLATILE_KEYS:
-        group, name = key.split(".")
-        plain[group].pop(name, None)
-    return plain
-
-
-def baseline_of(cfg: DictConfig) -> DictConfig:
-    """The paired baseline of a trial: same everything, proxy off, schedule without the ``p`` steps."""
-    c = to_trial_config(cfg)
-    c.proxy.enabled = False
-    c.proxy.schedule = parse_schedule(c.proxy.schedule).baseline.text
-    return c
-
-
-def cell_id(cfg: DictConfig) -> str:
-    """A stable 12-hex-digit id of the trial: same composed config, same id, on any machine."""
-    blob = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]

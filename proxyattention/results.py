@@ -12,8 +12,6 @@ torch; only the TensorBoard check imports tensorboard.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -28,9 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from proxyattention import config as trial_config
+from proxyattention import identity
+from proxyattention.config import GROUP_SCHEMAS
 from proxyattention.schedule import parse_schedule
-from proxyattention.trial_io import read_json
+from proxyattention.fileio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -57,98 +56,9 @@ class ResultsError(RuntimeError):
 
 # ------------------------------------------------------------------------------------ cell identity
 
-@lru_cache(maxsize=1)
-def _schema_defaults() -> dict[str, dict[str, Any]]:
-    return {g: dataclasses.asdict(s()) for g, s in trial_config.GROUP_SCHEMAS.items()}
-
-
-@lru_cache(maxsize=1)
-def _float_fields() -> frozenset[str]:
-    return frozenset(f"{g}.{f.name}" for g, s in trial_config.GROUP_SCHEMAS.items()
-                     for f in dataclasses.fields(s) if f.type in ("float", float))
-
-
-def _complete(plain: dict) -> dict[str, dict[str, Any]]:
-    """A config snapshot with the schema's defaults filled in and ints in float fields made floats."""
-    out = {}
-    floats = _float_fields()
-    for group, defaults in _schema_defaults().items():
-        sect = dict(defaults)
-        sect.update(plain.get(group) or {})
-        for k, v in sect.items():
-            if f"{group}.{k}" in floats and isinstance(v, int) and not isinstance(v, bool):
-                sect[k] = float(v)
-        out[group] = sect
-    return out
-
-
-def _fast_canonical(full: dict[str, dict[str, Any]]) -> dict:
-    """:func:`proxyattention.config.canonical` on an already valid, complete snapshot, without OmegaConf.
-
-    OmegaConf's structured merge costs tens of milliseconds a cell; a 1,000-cell report cannot pay that
-    four times a cell. :func:`ids_for` checks this against the real function on every load.
-    """
-    c = {g: dict(v) for g, v in full.items()}
-    if not c["proxy"]["enabled"] or not parse_schedule(c["proxy"]["schedule"]).has_proxy:
-        c["proxy"] = dataclasses.asdict(trial_config.ProxyConfig(
-            enabled=False, schedule=parse_schedule(c["proxy"]["schedule"]).baseline.text))
-        c["method"] = dataclasses.asdict(trial_config.MethodConfig())
-    for key in trial_config.VOLATILE_KEYS:
-        group, name = key.split(".")
-        c[group].pop(name, None)
-    return c
-
-
-def _hash(canon: dict) -> str:
-    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def _fast_baseline(full: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    b = {g: dict(v) for g, v in full.items()}
-    b["proxy"]["enabled"] = False
-    b["proxy"]["schedule"] = parse_schedule(b["proxy"]["schedule"]).baseline.text
-    return b
-
-
 def ids_for(full: dict[str, dict[str, Any]]) -> tuple[str, str, Optional[str]]:
     """(cell id, configuration id (the cell id without the seed), paired baseline id or None)."""
-    canon = _fast_canonical(full)
-    cid = _hash(canon)
-    no_seed = {g: dict(v) for g, v in canon.items()}
-    no_seed["train"].pop("seed", None)
-    config_id = _hash(no_seed)
-    if not canon["proxy"]["enabled"]:
-        return cid, config_id, None
-    return cid, config_id, _hash(_fast_canonical(_fast_baseline(full)))
-
-
-def _check_fast_ids(snapshots: Sequence[dict], fast: Sequence[tuple[str, str, Optional[str]]]) -> bool:
-    """Whether the fast ids equal ``config.cell_id`` / ``cell_id(baseline_of(...))`` on a few cells."""
-    from omegaconf import OmegaConf
-
-    picks = list(range(min(2, len(snapshots))))
-    proxies = [i for i, f in enumerate(fast) if f[2] is not None]
-    picks += proxies[:1]
-    for i in picks:
-        cfg = OmegaConf.create(snapshots[i])
-        if trial_config.cell_id(cfg) != fast[i][0]:
-            return False
-        if fast[i][2] is not None and trial_config.cell_id(trial_config.baseline_of(cfg)) != fast[i][2]:
-            return False
-    return True
-
-
-def _exact_ids(snapshot: dict) -> tuple[str, str, Optional[str]]:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(snapshot)
-    canon = trial_config.canonical(cfg)
-    no_seed = json.loads(json.dumps(canon))
-    no_seed["train"].pop("seed", None)
-    base = None if trial_config.is_baseline(trial_config.to_trial_config(cfg)) else \
-        trial_config.cell_id(trial_config.baseline_of(cfg))
-    return trial_config.cell_id(cfg), _hash(no_seed), base
+    return identity.ids(full)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -246,7 +156,7 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
                 snapshot = yaml.load(f, Loader=_YAML_LOADER) or {}
         except yaml.YAMLError as e:
             raise ResultsError(f"{cfg_path} is not valid YAML ({e}); fix or remove that cell folder") from None
-        snapshot = {k: v for k, v in snapshot.items() if k in trial_config.GROUP_SCHEMAS}
+        snapshot = {k: v for k, v in snapshot.items() if k in GROUP_SCHEMAS}
         snapshots.append(snapshot)
         row = {"cell_id": name, **_cell_row(cell, snapshot, now)}
         plan = plans.get(name)
@@ -255,12 +165,8 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["cell_id", "state", "role", "config_id", "baseline_id", "dir"])
 
-    fulls = [_complete(s) for s in snapshots]
-    ids = [ids_for(f) for f in fulls]
-    if not _check_fast_ids(snapshots, ids):
-        log.warning("cell ids computed without OmegaConf differ from proxyattention.config.cell_id; "
-                    "using the exact (slower) path")
-        ids = [_exact_ids(s) for s in snapshots]
+    fulls = [identity.complete(s) for s in snapshots]
+    ids = [identity.ids(f) for f in fulls]
     for row, full, (cid, config_id, base) in zip(rows, fulls, ids):
         if cid != row["cell_id"]:
             row["problem"] = (row["problem"] + "; " if row["problem"] else "") + \
@@ -572,7 +478,7 @@ def varying_keys(rows: pd.DataFrame, prefixes: Optional[tuple[str, ...]] = None)
     """
     keys, partitions = [], set()
     for col in sorted(rows.columns):
-        if "." not in col or col == "train.seed" or col.split(".")[0] not in trial_config.GROUP_SCHEMAS:
+        if "." not in col or col == "train.seed" or col.split(".")[0] not in GROUP_SCHEMAS:
             continue
         if prefixes is not None and not col.startswith(prefixes):
             continue
@@ -590,7 +496,7 @@ def config_labels(df: pd.DataFrame) -> dict[str, str]:
     Shared keys (dataset, model, train) vary across all cells; proxy and method keys across the proxy
     cells. Baselines read ``baseline`` plus their shared keys.
     """
-    shared_groups = tuple(f"{g}." for g in trial_config.GROUP_SCHEMAS if g not in ("proxy", "method"))
+    shared_groups = tuple(f"{g}." for g in GROUP_SCHEMAS if g not in ("proxy", "method"))
     shared = varying_keys(df, shared_groups)
     proxy_rows = df[df["role"] == "proxy"]
     own = [k for k in varying_keys(proxy_rows, ("proxy.", "method.")) if k != "proxy.enabled"]
@@ -641,7 +547,7 @@ def results_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     first = ["cell_id", "state", "role", "config_id", "baseline_id", "baseline_state"]
-    cfg_cols = sorted(c for c in df.columns if "." in c and c.split(".")[0] in trial_config.GROUP_SCHEMAS)
+    cfg_cols = sorted(c for c in df.columns if "." in c and c.split(".")[0] in GROUP_SCHEMAS)
     metric_cols = sorted(c for c in df.columns if "/" in c and not c.startswith("timing/"))
     timing = sorted(c for c in df.columns if c.startswith("timing/"))
     tail = ["attempts", "duration_s", "error", "problem", "overrides", "run.target_layer", "run.epochs",

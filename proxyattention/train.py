@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from proxyattention import trial_io
+from proxyattention import fileio as trial_io
 from proxyattention.cam import compute_cams
-from proxyattention.config import ConfigError, cell_id, register_configs, to_trial_config
+from proxyattention.config import ConfigError, register_configs, to_trial_config
+from proxyattention.identity import cell_id
 from proxyattention.data import (ImageBank, ProxyOverlay, augment, load_or_make_split, load_samples,
                                  normalize, to_float)
 from proxyattention.explain import explain_trial

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from proxyattention.config import (ConfigError, baseline_of, canonical, cell_id, register_configs,
-                                   to_trial_config)
+from proxyattention.config import ConfigError, register_configs, to_trial_config
+from proxyattention.identity import baseline_of, canonical, cell_id
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from proxyattention.schedule import quote_schedule_overrides
 from launcher.plan import Composer, PlanError, cached_plan, plan_sweep, write_plan_files
 from launcher.plugin import sweep_name
-from proxyattention.config import cell_id, register_configs
+from proxyattention.config import register_configs
+from proxyattention.identity import cell_id
 
 REPO = Path(__file__).resolve().parents[1]
 

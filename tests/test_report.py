@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from proxyattention import results as R
-from proxyattention.config import baseline_of, cell_id, register_configs, to_trial_config
+from proxyattention.config import register_configs, to_trial_config
+from proxyattention.identity import baseline_of, cell_id
 from proxyattention.report import (BAR_FIGURE, ReportConfig, build_report, evaluation_method, grid_size,
                                    parse_overrides, render_grid)
 

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from proxyattention import results as R
-from proxyattention.config import TrialConfig, baseline_of, cell_id
+from proxyattention.config import TrialConfig
+from proxyattention.identity import baseline_of, cell_id
 
 T975 = {1: 12.7062047362, 2: 4.30265272975, 3: 3.18244630528, 5: 2.57058183661, 10: 2.22813885196,
         30: 2.04227245630}
@@ -92,7 +93,7 @@ def test_baseline_ids_are_config_baseline_of(sweep):
 def test_exact_and_fast_ids_agree(sweep):
     for d in sorted((sweep / "cells").iterdir()):
         snap = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(d / "config.yaml")).items()}
-        assert R.ids_for(R._complete(snap)) == R._exact_ids(snap)
+        assert R.ids_for(snap) == R.ids_for(R.identity.complete(snap))
 
 
 def test_t_quantile_matches_tables():

@@ -1,0 +1,146 @@
+"""Cell identity: the one definition of which trial configs are "the same cell".
+
+A cell id is the first 12 hex digits of the SHA-256 of the trial's *canonical* config: the plain,
+resolved config with the schema's defaults filled in, values the trial treats as equal written one way
+(``proxy.schedule=" 1,P,1"`` is ``1,p,1``; ``proxy.threshold=1`` is ``1.0``), a baseline's proxy and
+CAM-method keys reset (they have no effect without proxy steps, so every proxy cell that pairs with the
+same baseline names the same baseline), and nothing that depends on the machine:
+
+- volatile keys (:data:`VOLATILE_KEYS`: device, threads, workers, progress bars, the cache folder) are
+  dropped — they change how fast a trial runs, not what it computes;
+- ``dataset.root`` never enters as a path. A dataset is identified by ``dataset.name``; the generic
+  ``imagefolder`` config (whose name says nothing about the data) adds its folder's *name*
+  (``/data/my_images`` → ``my_images``). Planned on a login node, re-issued on a compute node or moved
+  to another disk, a sweep recognises its own cells. That the data under that name did not change is
+  checked by the dataset manifest and recorded per cell (``result.json``'s split fingerprint).
+
+Plain dicts in, plain values out: the trial, the sweep planner and the results table all call this
+module, and it imports neither torch nor OmegaConf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from functools import lru_cache
+from typing import Any, Mapping, Optional
+
+from proxyattention.config import GROUP_SCHEMAS, MethodConfig, ProxyConfig
+from proxyattention.schedule import parse_schedule
+
+# Keys that never change what a trial computes: excluded from cell identity.
+VOLATILE_KEYS: tuple[str, ...] = (
+    "train.device", "train.num_threads", "train.progress", "dataset.num_workers", "dataset.cache_dir",
+)
+# Datasets named only by their folder: their folder's name joins the identity.
+FOLDER_NAMED_DATASETS = ("imagefolder",)
+
+Plain = dict[str, dict[str, Any]]
+
+
+@lru_cache(maxsize=1)
+def _defaults() -> dict[str, dict[str, Any]]:
+    return {g: dataclasses.asdict(s()) for g, s in GROUP_SCHEMAS.items()}
+
+
+@lru_cache(maxsize=1)
+def _float_fields() -> frozenset[str]:
+    return frozenset(f"{g}.{f.name}" for g, s in GROUP_SCHEMAS.items()
+                     for f in dataclasses.fields(s) if f.type in ("float", float))
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict:
+    """A plain nested dict of ``cfg`` (an OmegaConf config is resolved first)."""
+    if type(cfg).__name__ == "DictConfig":
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+
+
+def complete(cfg: Mapping[str, Any]) -> Plain:
+    """The trial groups of ``cfg`` with the schema's defaults filled in and one spelling per value.
+
+    Ints in float fields become floats and the schedule its canonical text. ``cfg`` must already be
+    valid (``config.validate``); keys outside the trial groups (``hydra``) are dropped.
+    """
+    plain = _plain(cfg)
+    floats = _float_fields()
+    out: Plain = {}
+    for group, defaults in _defaults().items():
+        sect = dict(defaults)
+        sect.update(plain.get(group) or {})
+        for k, v in sect.items():
+            if f"{group}.{k}" in floats and isinstance(v, int) and not isinstance(v, bool):
+                sect[k] = float(v)
+        out[group] = sect
+    out["proxy"]["schedule"] = parse_schedule(out["proxy"]["schedule"]).text
+    return out
+
+
+def is_baseline(cfg: Mapping[str, Any]) -> bool:
+    """A trial without proxy steps: proxy off, or a schedule without ``p``."""
+    p = cfg["proxy"]
+    return (not p.get("enabled", True)) or not parse_schedule(p.get("schedule", ProxyConfig.schedule)).has_proxy
+
+
+def normalised(cfg: Mapping[str, Any]) -> Plain:
+    """:func:`complete`, with a baseline's proxy and method groups reset (what its snapshot holds)."""
+    c = complete(cfg)
+    if is_baseline(c):
+        c["proxy"] = {**dataclasses.asdict(ProxyConfig()), "enabled": False,
+                      "schedule": parse_schedule(c["proxy"]["schedule"]).baseline.text}
+        c["method"] = dataclasses.asdict(MethodConfig())
+    return c
+
+
+def baseline_of(cfg: Mapping[str, Any]) -> Plain:
+    """The paired baseline of a trial: same everything, proxy off, schedule without the ``p`` steps."""
+    c = complete(cfg)
+    c["proxy"]["enabled"] = False
+    c["proxy"]["schedule"] = parse_schedule(c["proxy"]["schedule"]).baseline.text
+    return normalised(c)
+
+
+def data_identity(dataset: Mapping[str, Any]) -> Optional[str]:
+    """What stands for ``dataset.root`` in an id: None, or the folder's name for folder-named datasets."""
+    root = dataset.get("root")
+    if not root or dataset.get("name") not in FOLDER_NAMED_DATASETS:
+        return None
+    return os.path.basename(os.path.normpath(os.path.expanduser(str(root))))
+
+
+def canonical(cfg: Mapping[str, Any]) -> Plain:
+    """The trial as it affects results (see the module docstring)."""
+    c = normalised(cfg)
+    for key in VOLATILE_KEYS:
+        group, name = key.split(".")
+        c[group].pop(name, None)
+    c["dataset"]["root"] = data_identity(c["dataset"])
+    return c
+
+
+def _digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cell_id(cfg: Mapping[str, Any]) -> str:
+    """A stable 12-hex-digit id of the trial: same canonical config, same id, on any machine."""
+    return _digest(canonical(cfg))
+
+
+def config_id(cfg: Mapping[str, Any]) -> str:
+    """The id of the trial's configuration without its seed: the seeds of one configuration share it."""
+    c = canonical(cfg)
+    c["train"].pop("seed", None)
+    return _digest(c)
+
+
+def ids(cfg: Mapping[str, Any]) -> tuple[str, str, Optional[str]]:
+    """(cell id, configuration id, paired baseline id or None for a baseline) in one pass."""
+    c = complete(cfg)
+    base = None if is_baseline(c) else cell_id(baseline_of(c))
+    return cell_id(c), config_id(c), base
