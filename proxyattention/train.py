@@ -35,6 +35,7 @@ from proxyattention.config import ConfigError, register_configs, to_trial_config
 from proxyattention.identity import cell_id
 from proxyattention.data import (ImageBank, ProxyOverlay, augment, load_or_make_split, load_samples,
                                  normalize, to_float)
+from proxyattention.device import Precision, resolve_device
 from proxyattention.explain import explain_trial
 from proxyattention.models import build_model, find_target_layer
 from proxyattention.proxy import changed_fraction, choose_subset, make_proxies
@@ -53,33 +54,6 @@ def _generator(*keys: int) -> torch.Generator:
     digest = hashlib.sha256(",".join(str(k) for k in keys).encode()).digest()
     g.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
     return g
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
-
-
-@dataclass
-class Precision:
-    """Mixed precision on CUDA: bf16 where supported, else fp16 with a gradient scaler."""
-
-    dtype: Optional[torch.dtype]
-    scaler: Optional[torch.amp.GradScaler]
-
-    @classmethod
-    def choose(cls, enabled: bool, device: torch.device) -> "Precision":
-        if not enabled or device.type != "cuda":
-            return cls(None, None)
-        if torch.cuda.is_bf16_supported():
-            return cls(torch.bfloat16, None)
-        return cls(torch.float16, torch.amp.GradScaler("cuda"))
-
-    def autocast(self, device: torch.device) -> Any:
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
 @dataclass
@@ -305,7 +279,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    device = _device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     precision = Precision.choose(cfg.train.amp and cfg.model.amp, device)
     channels_last = bool(cfg.train.channels_last)
 
