@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,6 +27,21 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def digits_trial(model_name: str = "resnet18", image_size: int = 32, batch_size: int = 128,
+                 schedule: str = "50", **proxy: object):
+    """A :class:`proxyattention.train.Trial` on the embedded digits, set up exactly as ``train()`` does."""
+    from proxyattention import train
+
+    cfg = OmegaConf.structured(TrialConfig)
+    cfg.model.name, cfg.dataset.image_size, cfg.train.batch_size = model_name, image_size, batch_size
+    cfg.proxy.schedule, cfg.train.progress, cfg.train.checkpoint = schedule, False, False
+    for key, value in proxy.items():
+        cfg.proxy[key] = value
+    tmp = tempfile.mkdtemp(prefix="pa-bench-")
+    cfg.dataset.cache_dir = f"{tmp}/cache"
+    return train.set_up(cfg, Path(tmp) / "trial")
 
 
 def digits_setup(model_name: str = "resnet18", image_size: int = 32, seed: int = 0):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -131,8 +132,12 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return x / (EPS_NORM + x.amax(dim=(1, 2), keepdim=True))
 
 
-def _to_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(n, h, w) raw map -> (n, H, W) in [0, 1], the library's post-processing step by step."""
+def to_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, h, w) raw layer map -> (n, H, W) float32 in [0, 1], the library's post-processing step by step.
+
+    What :func:`compute_cams` does after the layer's map: ``compute_cams(..., at="layer")`` followed by
+    this gives ``compute_cams(..., at="input")`` exactly (the proxy state stores the small layer map).
+    """
     cam = _minmax(cam.float().clamp_min(0))
     if tuple(cam.shape[-2:]) != tuple(size):
         cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -166,7 +171,8 @@ def _grad_on() -> Iterator[None]:
 
 
 def _native_batch(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
-                  target: TargetLayer, reshape: Optional[Callable]) -> torch.Tensor:
+                  target: TargetLayer, reshape: Optional[Callable]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw layer maps (n, h, w) float32, predicted classes (n,) long) of one batch."""
     fn, needs_grads = _NATIVE[method]
     captured: list[torch.Tensor] = []
 
@@ -199,11 +205,11 @@ def _native_batch(model: nn.Module, images: torch.Tensor, targets: Optional[torc
         grads = reshape(grads) if grads is not None else None
     act = act.detach().float()
     grads = grads.float() if grads is not None else None
-    return _to_input_size(fn(act, grads), tuple(images.shape[-2:]))
+    return fn(act, grads), logits.detach().argmax(1)
 
 
 def _native_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
-                 target: TargetLayer, batch_size: int, channels_last: bool) -> torch.Tensor:
+                 target: TargetLayer, batch_size: int, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     reshape = reshape_transform_for(model, target)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -212,8 +218,9 @@ def _native_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch
         for p in params:
             p.requires_grad_(False)  # no weight gradients, no graph before the target layer
         chunks = targets.split(batch_size) if targets is not None else [None] * math.ceil(len(images) / batch_size)
-        return torch.cat([_native_batch(model, x, t, method, target, reshape)
-                          for x, t in zip(images.split(batch_size), chunks)])
+        out = [_native_batch(model, x, t, method, target, reshape)
+               for x, t in zip(images.split(batch_size), chunks)]
+    return torch.cat([m for m, _ in out]), torch.cat([p for _, p in out])
 
 
 # --- pytorch-grad-cam ------------------------------------------------------------------------------
@@ -291,6 +298,36 @@ def _library_cams(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 def compute_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
                  target: TargetLayer, impl: str = "auto", batch_size: int = 64, *,
                  channels_last: Optional[bool] = None) -> torch.Tensor:
+    """CAMs of ``targets`` for ``images``, one per image, at input resolution (see :func:`explain_batch`)."""
+    return explain_batch(model, images, targets, method, target, impl, batch_size,
+                         channels_last=channels_last).maps
+
+
+def native(method: str, impl: str) -> bool:
+    """Whether ``method`` runs on the batched torch path under ``impl``."""
+    return impl != "library" and method in NATIVE_CAM_METHODS
+
+
+@dataclass
+class Explained:
+    """What one CAM call gives.
+
+    maps: (N, H, W) float32 in [0, 1] at input resolution; or, asked ``at="layer"`` on the native path,
+    the raw (N, h, w) maps of the target layer (``layer=True``), which :func:`to_input_size` turns into
+    the input-resolution maps exactly. predicted: (N,) long, the class the model predicts for each
+    image in eval mode (read off the native path's own forward pass; on the library path only when
+    asked for with ``with_predicted``, as it costs a forward pass there).
+    """
+
+    maps: torch.Tensor
+    predicted: Optional[torch.Tensor]
+    layer: bool
+
+
+def explain_batch(model: nn.Module, images: torch.Tensor, targets: Optional[torch.Tensor], method: str,
+                  target: TargetLayer, impl: str = "auto", batch_size: int = 64, *,
+                  channels_last: Optional[bool] = None, at: str = "input",
+                  with_predicted: bool = False) -> Explained:
     """CAMs of ``targets`` for ``images``, one per image.
 
     images: (N, 3, H, W) float, normalised model input, on the model's device.
@@ -298,12 +335,16 @@ def compute_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch
     (in eval mode; the native path reads it off its own forward pass, so it costs nothing extra).
     method: one of :func:`cam_method_names`; impl: ``auto`` (native where available), ``native`` or
     ``library`` (pytorch-grad-cam).
-    Returns (N, H, W) float32 in [0, 1], min-max normalised per image, on ``images.device``; a map that
-    is constant for an image is all zeros. Runs in eval mode and leaves the model as it found it:
+    at: ``input`` (maps at input resolution) or ``layer`` (the target layer's raw maps, native path
+    only; the library path always gives input resolution).
+    Returns :class:`Explained`; input-resolution maps are float32 in [0, 1], min-max normalised per
+    image, on ``images.device``, and a map that is constant for an image is all zeros. Runs in eval mode and leaves the model as it found it:
     train/eval flags, parameters' requires_grad and ``.grad``, no hooks. Works under ``torch.no_grad``.
     channels_last: run the native path's forward on channels-last input; None = on CPU, where oneDNN's
     convolutions are faster that way (``bench/cam.py`` measures it). The maps do not change.
     """
+    if at not in ("input", "layer"):
+        raise ValueError(f"at={at!r}: choose input or layer")
     if method not in CAM_METHODS:
         raise ValueError(f"method.name={method!r} is not a CAM method; choose one of: "
                          f"{', '.join(CAM_METHODS)}")
@@ -316,28 +357,31 @@ def compute_cams(model: nn.Module, images: torch.Tensor, targets: Optional[torch
         raise ValueError(f"expected images (N, 3, H, W) and targets (N,), got {tuple(images.shape)} "
                          f"and {tuple(targets.shape)}")
     if images.shape[0] == 0:
-        return images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32)
-    if impl != "library" and method in NATIVE_CAM_METHODS:
+        empty = images.new_zeros((0, *images.shape[-2:]), dtype=torch.float32)
+        return Explained(empty, torch.zeros(0, dtype=torch.long, device=images.device), False)
+    if native(method, impl):
+        maps = predicted = None
         if channels_last is None and images.device.type == "cpu":
             try:
-                return _native_cams(model, images, targets, method, target, batch_size, True)
+                maps, predicted = _native_cams(model, images, targets, method, target, batch_size, True)
             except RuntimeError:
                 # A model that .view()s its feature maps rejects channels-last input; the layout is
                 # only a speed choice, so run it as given.
                 log.debug("native CAM: channels-last input failed for %s; using NCHW", target.name)
                 channels_last = False
-        return _native_cams(model, images, targets, method, target, batch_size, bool(channels_last))
-    if targets is None:
-        targets = _predicted(model, images, batch_size)
-    return _library_cams(model, images, targets, method, target, batch_size)
+        if maps is None:
+            maps, predicted = _native_cams(model, images, targets, method, target, batch_size,
+                                           bool(channels_last))
+        if at == "layer":
+            return Explained(maps, predicted, True)
+        return Explained(to_input_size(maps, tuple(images.shape[-2:])), predicted, False)
+    predicted = _predicted(model, images, batch_size) if targets is None or with_predicted else None
+    maps = _library_cams(model, images, predicted if targets is None else targets, method, target, batch_size)
+    return Explained(maps, predicted, False)
 
 
 def _predicted(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N,) the class the model predicts for each image in eval mode; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([model(x).argmax(1) for x in images.split(batch_size)])
-    finally:
-        model.train(was_training)
+    with _model_state_kept(model), torch.no_grad():
+        model.eval()
+        return torch.cat([model(x).argmax(1) for x in images.split(batch_size)])

@@ -28,7 +28,7 @@ NATIVE_CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "eigengradcam", "
                                        "layercam", "gradcamelementwise", "eigencam", "segeigencam")
 CAM_IMPLS = ("auto", "native", "library")
 PROXY_MODES = ("blend", "mean", "max", "min", "black", "white")
-PROXY_TARGETS = ("predicted", "true")
+PROXY_TARGETS = ("predicted", "mistake", "true")
 DATASET_SOURCES = ("digits", "imagefolder", "cifar100", "caltech101", "places365", "shapes")
 IN_MEMORY = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,7 +94,7 @@ class TrainConfig:
     max_lr: float = 2e-3
     weight_decay: float = 1e-5
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
-    channels_last: bool = False
+    channels_last: Any = "auto"  # NHWC memory layout: auto = on CUDA, off on the CPU; or true/false
     eval_batch_size: int = 256
     checkpoint: bool = True  # a checkpoint after every epoch, used to resume
     device: str = "auto"
@@ -186,6 +186,9 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
     if not (bs is None or bs == "auto" or (isinstance(bs, int) and not isinstance(bs, bool) and bs > 0)):
         raise ConfigError(f"train.batch_size={bs!r} is not allowed; use null (the model's batch size), "
                           "a positive integer, or auto")
+    if c.train.channels_last not in ("auto", True, False):
+        raise ConfigError(f"train.channels_last={c.train.channels_last!r} is not allowed; use auto (on CUDA, "
+                          "off on the CPU), true or false")
     if c.model.batch_size <= 0:
         raise ConfigError(f"model.batch_size={c.model.batch_size} must be a positive integer")
     for key in ("lr", "max_lr"):

@@ -32,11 +32,38 @@ class Precision:
 
     @classmethod
     def choose(cls, enabled: bool, device: torch.device) -> "Precision":
+        """bf16 where the GPU computes it natively (capability 8.0 and newer), fp16 + scaler below."""
         if not enabled or device.type != "cuda":
             return cls(None, None)
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.get_device_capability(device) >= (8, 0):
             return cls(torch.bfloat16, None)
         return cls(torch.float16, torch.amp.GradScaler("cuda"))
 
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
     def autocast(self, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Let cuDNN pick the fastest convolution algorithms for the trial's fixed input shapes."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def device_info(device: torch.device, precision: Precision, batch_size: int) -> dict[str, Any]:
+    """The ``device`` block of ``result.json``: where and how the trial computed."""
+    import platform
+
+    cuda = device.type == "cuda"
+    return {
+        "type": device.type,
+        "name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "precision": precision.name,
+        "batch_size": int(batch_size),
+    }

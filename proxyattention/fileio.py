@@ -22,7 +22,6 @@ CONFIG = "config.yaml"
 RESULT = "result.json"
 ERROR = "error.json"
 CHECKPOINT = "checkpoint.pt"
-PROXY_STATE = "proxy_state.pt"
 TB_DIR = "tb"
 LOG = "trial.log"
 

@@ -7,7 +7,9 @@ CAM-method keys reset (they have no effect without proxy steps, so every proxy c
 same baseline names the same baseline), and nothing that depends on the machine:
 
 - volatile keys (:data:`VOLATILE_KEYS`: device, threads, workers, progress bars, the cache folder) are
-  dropped — they change how fast a trial runs, not what it computes;
+  dropped — they change how fast a trial runs, not what it computes; so are keys added to the schema
+  later while they keep their neutral value (:data:`ADDED_KEYS`), and speed choices that became
+  automatic are hashed at their former constant (:data:`PINNED_KEYS`): cells run before keep their ids;
 - ``dataset.root`` never enters as a path. A dataset is identified by ``dataset.name``; the generic
   ``imagefolder`` config (whose name says nothing about the data) adds its folder's *name*
   (``/data/my_images`` → ``my_images``). Planned on a login node, re-issued on a compute node or moved
@@ -34,6 +36,12 @@ from proxyattention.schedule import parse_schedule
 VOLATILE_KEYS: tuple[str, ...] = (
     "train.device", "train.num_threads", "train.progress", "dataset.num_workers", "dataset.cache_dir",
 )
+# Speed choices that were part of identity before they became automatic: hashed at the value they
+# always had then, so cells run before keep their ids (``train.channels_last`` is now ``auto``).
+PINNED_KEYS: dict[str, Any] = {"train.channels_last": False}
+# Keys added to the schema after cells were run: they enter an id only when set to a value other than
+# the one that reproduces the earlier behaviour, so earlier cells keep their ids.
+ADDED_KEYS: dict[str, Any] = {}
 # Datasets named only by their folder: their folder's name joins the identity.
 FOLDER_NAMED_DATASETS = ("imagefolder",)
 
@@ -118,6 +126,13 @@ def canonical(cfg: Mapping[str, Any]) -> Plain:
     for key in VOLATILE_KEYS:
         group, name = key.split(".")
         c[group].pop(name, None)
+    for key, value in PINNED_KEYS.items():
+        group, name = key.split(".")
+        c[group][name] = value
+    for key, neutral in ADDED_KEYS.items():
+        group, name = key.split(".")
+        if c[group].get(name, neutral) == neutral:
+            c[group].pop(name, None)
     c["dataset"]["root"] = data_identity(c["dataset"])
     return c
 

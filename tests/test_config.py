@@ -52,7 +52,7 @@ def test_unknown_group_option_lists_choices():
     ("proxy.subset=0", "proxy.subset", "(0.0, 1.0]"),
     ("proxy.subset=1.01", "proxy.subset", "(0.0, 1.0]"),
     ("proxy.mode=grey", "proxy.mode", "blend, mean, max, min, black, white"),
-    ("proxy.target=other", "proxy.target", "predicted, true"),
+    ("proxy.target=other", "proxy.target", "predicted, mistake, true"),
     ("proxy.schedule='5,q,3'", "proxy.schedule", "'p'"),
     ("proxy.schedule='p,p'", "proxy.schedule", "'p'"),
     ("proxy.schedule=''", "proxy.schedule", "empty"),

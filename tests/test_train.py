@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from proxyattention import train as train_mod
+from proxyattention.checkpoint import CheckpointError
 from proxyattention.config import TrialConfig
 
 FAST = ["dataset=digits", "model=test_resnet", "train.progress=false"]
@@ -83,9 +84,12 @@ def test_proxy_and_baseline_are_paired(tmp_path):
     ck_p = torch.load(tmp_path / "proxy" / "checkpoint.pt", weights_only=True)
     ck_b = torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=True)
     assert ck_p["scheduler"]["last_epoch"] == ck_b["scheduler"]["last_epoch"] > 0
-    # The overlay holds exactly the proxied images, all from the training split.
-    assert ck_p["overlay"]["index"].numel() == proxy["metrics"]["proxy/images"]
-    assert ck_b["overlay"]["index"].numel() == 0
+    # The proxy state (saved apart from the epoch checkpoint) holds exactly the proxied images.
+    assert ck_p["proxy_version"] == 1 and ck_b["proxy_version"] == 0
+    state = torch.load(tmp_path / "proxy" / "proxy_state.1.pt", weights_only=True)
+    assert sum(layer["index"].numel() for layer in state["layers"]) == proxy["metrics"]["proxy/images"]
+    assert not list((tmp_path / "base").glob("proxy_state.*"))
+    assert "overlay" not in ck_p and "proxy_state" not in ck_p
 
 
 @pytest.mark.slow
@@ -135,5 +139,5 @@ def test_non_finite_loss_stops_with_error_json(tmp_path, monkeypatch):
 def test_checkpoint_from_another_config_is_refused(tmp_path):
     out = tmp_path / "t"
     train_mod.train(trial_cfg(tmp_path, "1"), out)
-    with pytest.raises(train_mod.TrialError, match="different trial config"):
+    with pytest.raises(CheckpointError, match="different trial config"):
         train_mod.train(trial_cfg(tmp_path, "1", seed=5), out)

@@ -1,0 +1,99 @@
+"""The shape of the code: no import cycle among the project's modules, and the one-home rules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("proxyattention", "launcher", "hydra_plugins")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The project module an import names (``a.b.c`` may be module ``a.b`` importing ``c``)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the project modules it imports, anywhere in its body (deferred imports count too)."""
+    known = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in known}
+    for mod, path in known.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names] + [base]
+            for n in names:
+                target = _resolve(n, known)
+                if target and target != mod and not mod.startswith(target + "."):
+                    graph[mod].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_imports_the_launcher():
+    graph = import_graph()
+    offenders = {m: sorted(n for n in deps if n.startswith("launcher"))
+                 for m, deps in graph.items() if m.startswith("proxyattention")}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_one_home_for_identity_and_atomic_writes():
+    """Cell ids are computed only by proxyattention.identity; temp-file renames only in fileio."""
+    for mod, path in _modules().items():
+        text = path.read_text()
+        if mod != "proxyattention.identity":
+            assert "hashlib.sha256(blob" not in text, f"{mod} hashes configs itself"
+        if mod != "proxyattention.fileio":
+            assert "os.replace(" not in text, f"{mod} renames temp files itself; use proxyattention.fileio"
