@@ -238,8 +238,8 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
         changed += (before != after).any(dim=1).float().mean(dim=(1, 2)).sum()
         now_correct += (out.predicted == labels[idx_d]).sum()
         if len(before_ex) * method.batch_size < keep:
-            before_ex.append(before[:keep])
-            after_ex.append(after[:keep])
+            before_ex.append(before[:keep].clone())  # not a view: the chunk itself is let go
+            after_ex.append(after[:keep].clone())
         if dump_dir is not None:
             dumped += _dump(dump_dir, idx, after)
         start += idx.numel()
