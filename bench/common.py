@@ -12,7 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from proxyattention.config import TrialConfig
-from proxyattention.data import ImageBank, load_or_make_split, load_samples
+from proxyattention.data.bank import ImageBank
+from proxyattention.data.registry import load_samples
+from proxyattention.data.split import load_or_make_split
 from proxyattention.models import build_model
 
 

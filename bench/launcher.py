@@ -70,8 +70,8 @@ def bench_cells(work: Path, repeats: int) -> None:
 
 
 def bench_10k(work: Path, n_seeds: int) -> None:
-    from launcher import manifest
-    from launcher.manifest import CellState, CellStatus, Owner
+    from proxyattention import cellstate
+    from proxyattention.cellstate import CellState, CellStatus, Owner
 
     sweep = work / "sweep_10k"
     grid = ["model=test_resnet", "proxy.threshold=0.1,0.4,0.8,0.85", "proxy.weight=0.1,0.2,0.4,0.8,0.95",
@@ -86,7 +86,7 @@ def bench_10k(work: Path, n_seeds: int) -> None:
     owner = Owner.this_process()
     for cell in cells:
         s = CellStatus().started_by(owner, pid=1)
-        manifest.write_status(cell, s.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.5}))
+        cellstate.write_status(cell, s.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.5}))
     times = []
     for _ in range(3):
         dt, proc = run(cmd, work)

@@ -32,7 +32,8 @@ TARGET_S = 30.0
 
 def synthetic_sweep(root: Path, cells: int = 1000, tensorboard: bool = True, seed: int = 0) -> int:
     """Write a sweep folder of about ``cells`` cells under ``root``; returns the number written."""
-    from proxyattention import results as R
+    from proxyattention import identity
+    from proxyattention.analysis.table import ids_for
     from proxyattention.config import GROUP_SCHEMAS, TrialConfig
 
     rng = np.random.default_rng(seed)
@@ -55,8 +56,8 @@ def synthetic_sweep(root: Path, cells: int = 1000, tensorboard: bool = True, see
         cfg["model"]["name"] = model
         cfg["proxy"].update(threshold=th, weight=w, subset=sub)
         cfg["train"]["seed"] = s
-        full = R.identity.complete(cfg)
-        cid, _, bid = R.ids_for(full)
+        full = identity.complete(cfg)
+        cid, _, bid = ids_for(full)
         level = {"digits": 0.9, "shapes": 0.7}[ds] + (0.02 if model == "test_resnet" else 0.0)
         if bid not in baselines:
             bcfg = json.loads(json.dumps(cfg))

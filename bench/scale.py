@@ -37,9 +37,11 @@ class SyntheticBank:
         self.n, self.size, self.device = n, size, torch.device("cpu")
         self.labels = torch.arange(n) % classes
 
-    def get(self, idx: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator().manual_seed(int(idx[0]) if len(idx) else 0)
-        return (torch.rand(len(idx), 3, self.size, self.size, generator=g) * 255).to(torch.uint8)
+    def batches(self, order: torch.Tensor, batch_size: int):
+        for idx in order.split(batch_size):
+            g = torch.Generator().manual_seed(int(idx[0]) if len(idx) else 0)
+            yield idx, (torch.rand(len(idx), 3, self.size, self.size, generator=g) * 255).to(torch.uint8), \
+                self.labels[idx]
 
 
 def _step(model_name: str, size: int, chosen: int, batch_size: int = 64):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import digits_trial, figure
-from proxyattention.data import normalize, to_float
+from proxyattention.data.transforms import normalize, to_float
 from proxyattention.proxy import ProxyLayer
 from proxyattention.train import epoch_order, train_epoch
 

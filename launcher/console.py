@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, TextIO
 
-from launcher.manifest import CellRecord, CellState, CellStatus
+from launcher.manifest import CellRecord
+from proxyattention.cellstate import CellState, CellStatus
 
 SUMMARY_ROWS = 60  # more cells than this: the table shows the unfinished ones first, then a count
 
@@ -42,14 +43,6 @@ def fmt_duration(seconds: Optional[float]) -> str:
 def fmt_acc(status: CellStatus) -> str:
     acc = status.metrics.get("test/acc")
     return "-" if acc is None else f"{acc:.4f}"
-
-
-def first_line(text: Optional[str]) -> str:
-    """The most telling line of an error tail: its last line (the exception, for a traceback)."""
-    if not text:
-        return ""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import enum
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -29,33 +27,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher import manifest
-from launcher.console import Console, first_line, fmt_acc, fmt_duration, table
-from launcher.manifest import CellRecord, CellState, CellStatus, Claim, Owner
+from launcher.cellproc import CellProcess, record_end, watch
+from launcher.console import Console, fmt_acc, fmt_duration, table
+from launcher.manifest import CellRecord, Claim, Rerun
+from proxyattention import cellstate
+from proxyattention.cellstate import CellState, CellStatus, Owner, error_headline
+from proxyattention.config import REQUIRE_GPU_ENV
 
 KILL_GRACE_S = 5.0
-
-
-class Rerun(str, enum.Enum):
-    """Which cells a launch runs."""
-
-    NOT_DONE = "not_done"  # default: every cell that is not DONE (interrupted ones resume)
-    FAILED = "failed"  # only cells that ended FAILED, TIMEOUT or CANCELLED (or were interrupted)
-    ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
-
-    @classmethod
-    def parse(cls, value: str) -> "Rerun":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"hydra.launcher.rerun={value!r} is not allowed; choose one of: "
-                             f"{', '.join(r.value for r in cls)}") from None
-
-    def wants(self, state: CellState) -> bool:
-        if self is Rerun.ALL:
-            return True
-        if self is Rerun.FAILED:
-            return state.failed
-        return state != CellState.DONE
 
 
 @dataclass
@@ -69,7 +48,7 @@ class LocalOptions:
     threads_per_cell: int = 0
     gpus: Optional[str] = None
     heartbeat_s: float = 10.0
-    stale_after_s: float = manifest.DEFAULT_STALE_AFTER_S
+    stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     cell_module: str = "proxyattention.cell"
 
     @classmethod
@@ -127,7 +106,7 @@ def _cell_process_alive(pid: int, cell: Path) -> bool:
 
 def stop_orphan(status: CellStatus, cell: Path) -> bool:
     """Kill the process group of a cell process left running by a dead launcher. True if it did."""
-    if status.pid is None or status.host != manifest.HOST or not _cell_process_alive(status.pid, cell):
+    if status.pid is None or status.host != cellstate.HOST or not _cell_process_alive(status.pid, cell):
         return False
     kill_group(status.pid, signal.SIGKILL)
     deadline = time.time() + 10
@@ -150,24 +129,24 @@ class LocalRunner:
         self.gpus = detect_gpus(options.gpus)
         self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
         self.statuses: dict[str, CellStatus] = {}
-        self._root = str(manifest.cells_root(self.sweep_dir))
+        self._root = str(cellstate.cells_root(self.sweep_dir))
         self._touched: set[str] = set()  # cells this launch ran or waited on: re-read at the end
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
     def dir(self, cid: str) -> Path:
-        return manifest.cell_dir(self.sweep_dir, cid)
+        return cellstate.cell_dir(self.sweep_dir, cid)
 
     def _status(self, cid: str) -> CellStatus:
-        return manifest.effective_status(manifest.read_status(os.path.join(self._root, cid)),
+        return cellstate.effective_status(cellstate.read_status(os.path.join(self._root, cid)),
                                          self.opts.stale_after_s)
 
     # -- one cell, in a worker thread, while holding its claim
     def _run_cell(self, cid: str, claim: Claim, slot: int) -> CellStatus:
         cell = self.dir(cid)
         try:
-            status = manifest.read_status(cell)
+            status = cellstate.read_status(cell)
             if status.state == CellState.RUNNING:
                 stop_orphan(status, cell)
             if self.rerun is Rerun.ALL:
@@ -175,70 +154,42 @@ class LocalRunner:
                 if moved is not None:
                     self.console.say(f"          {cid}  earlier results moved to {moved}")
                 status = CellStatus(attempts=status.attempts)
-            elif manifest.read_result(cell) is not None:
+            elif cellstate.read_result(cell) is not None:
                 # Its process finished after its launcher died: the result is complete, adopt it.
                 state, error, metrics = manifest.cell_outcome(cell, 0)
                 status = status.finished(state, exit_code=0, error=error, metrics=metrics)
-                manifest.write_status(cell, status)
+                cellstate.write_status(cell, status)
                 return status
             return self._spawn(cid, cell, claim, status, slot)
         finally:
             claim.release()
 
     def _spawn(self, cid: str, cell: Path, claim: Claim, status: CellStatus, slot: int) -> CellStatus:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+               "PROXYATTENTION_CPUS": str(self.threads)}  # the cell's loader workers follow its share
         where = "cpu"
         if self.gpus:
             gpu = self.gpus[slot % len(self.gpus)]
-            env["CUDA_VISIBLE_DEVICES"] = gpu
+            env.update({"CUDA_VISIBLE_DEVICES": gpu, REQUIRE_GPU_ENV: "1"})  # pinned to a GPU: never the CPU
             where = f"gpu {gpu}"
-        # Absolute, so a later launcher from another folder recognises an orphan of this cell.
-        cmd = [sys.executable, "-m", self.opts.cell_module, os.path.abspath(cell)]
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
-            header = f"\n===== attempt {status.attempts + 1} on {manifest.HOST} at {stamp}: {' '.join(cmd)}\n"
-            out.write(header.encode())
-            err.write(header.encode())
-            out.flush()
-            err.flush()
-            if self._stopping.is_set():
-                return status
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+        if self._stopping.is_set():
+            return status
+        proc = CellProcess(cell, module=self.opts.cell_module, env=env).start(status.attempts + 1, cellstate.HOST)
         with self._lock:
             self._procs[cid] = proc
         status = status.started_by(self.owner, pid=proc.pid)
-        manifest.write_status(cell, status)
+        cellstate.write_status(cell, status)
         self.console.cell(cid, CellState.RUNNING, f"(attempt {status.attempts}, pid {proc.pid}, {where})")
-        deadline = None if self.opts.timeout_min is None else time.time() + 60 * self.opts.timeout_min
-        timed_out = False
-        while True:
-            wait = self.opts.heartbeat_s
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - time.time()))
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if deadline is not None and time.time() >= deadline and not timed_out:
-                timed_out = True
-                self._terminate(proc)
-                continue
-            claim.heartbeat()
-            status = status.beat()
-            manifest.write_status(cell, status)
+        until = None if self.opts.timeout_min is None else time.time() + 60 * self.opts.timeout_min
+        rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s, until=until)
+        timed_out = rc is None
+        if timed_out:
+            self._terminate(proc)
+            rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s)
         with self._lock:
             self._procs.pop(cid, None)
-        interrupted = self._stopping.is_set() and not timed_out and proc.returncode != 0
-        state, error, metrics = manifest.cell_outcome(cell, proc.returncode, timed_out=timed_out,
-                                                      interrupted=interrupted)
-        status = status.finished(state, exit_code=proc.returncode, error=error, metrics=metrics,
-                                 interrupted=interrupted)
-        manifest.write_status(cell, status)
-        return status
+        interrupted = self._stopping.is_set() and not timed_out and rc != 0
+        return record_end(cell, status, rc, timed_out=timed_out, interrupted=interrupted)
 
     @staticmethod
     def _terminate(proc: subprocess.Popen) -> None:
@@ -256,7 +207,7 @@ class LocalRunner:
         if status.state == CellState.DONE:
             detail = f"test/acc {fmt_acc(status)}  {fmt_duration(status.duration_s)}"
         else:
-            detail = first_line(status.error)
+            detail = error_headline(status.error)
             if status.state == CellState.FAILED:
                 detail += f"  (log: {self.dir(cid) / manifest.STDERR})"
         self.console.cell(cid, status.state, (note + " " + detail).strip())
@@ -370,7 +321,7 @@ class LocalRunner:
         self._pool.shutdown(wait=True)
         for cid in running:
             status = self._status(cid)
-            self.console.cell(cid, status.state, first_line(status.error))
+            self.console.cell(cid, status.state, error_headline(status.error))
 
     def _finish(self) -> int:
         for cid in self._touched:

@@ -30,7 +30,7 @@ How a backend runs one cell (the local pool does exactly this; a Slurm job does 
     if claim:
         try:
             status = read_status(cell_dir)       # re-read AFTER claiming: DONE meanwhile -> skip
-            status = status.started(claim.owner, pid=child_pid)   # attempts += 1, RUNNING
+            status = status.started_by(claim.owner, pid=child_pid)   # attempts += 1, RUNNING
             write_status(cell_dir, status)
             ... every heartbeat: claim.heartbeat(); write_status(cell_dir, status.beat())
             state, error, metrics = cell_outcome(cell_dir, returncode)
@@ -45,6 +45,7 @@ the cell writes its results. No file has two writers.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -53,12 +54,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from proxyattention.cellstate import (CELLS, DEFAULT_STALE_AFTER_S, HOST, STATUS, CellState,  # noqa: F401
-                                      CellStatus, Owner, cell_dir, cells_root, effective_status,
-                                      owner_gone, pid_alive, process_start, read_result, read_status,
-                                      write_status)
-from proxyattention.fileio import (CONFIG, ERROR, RESULT, read_json, write_json_atomic,  # noqa: F401
-                                   write_text_atomic)
+from proxyattention.cellstate import (
+    DEFAULT_STALE_AFTER_S,
+    HOST,
+    CellState,
+    Owner,
+    cells_root,
+    owner_gone,
+    read_result,
+)
+from proxyattention.fileio import CONFIG, ERROR, RESULT, read_json, write_json_atomic
 
 PLANS = "plans"
 STDOUT = "stdout.log"
@@ -66,6 +71,29 @@ STDERR = "stderr.log"
 PREVIOUS = "previous"
 CLAIM_PREFIX = "claim."
 ERROR_TAIL_LINES = 12
+
+
+class Rerun(str, enum.Enum):
+    """Which cells a launch runs."""
+
+    NOT_DONE = "not_done"  # default: every cell that is not DONE (interrupted ones resume)
+    FAILED = "failed"  # only cells that ended FAILED, TIMEOUT or CANCELLED (or were interrupted)
+    ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
+
+    @classmethod
+    def parse(cls, value: str) -> "Rerun":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"hydra.launcher.rerun={value!r} is not allowed; choose one of: "
+                             f"{', '.join(r.value for r in cls)}") from None
+
+    def wants(self, state: CellState) -> bool:
+        if self is Rerun.ALL:
+            return True
+        if self is Rerun.FAILED:
+            return state.failed
+        return state != CellState.DONE
 
 
 # ---------------------------------------------------------------------------------------------------

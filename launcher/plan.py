@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 import re
@@ -31,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher import manifest
 from launcher.manifest import CellRecord
-from proxyattention import identity
+from proxyattention import cellstate, fileio, identity
 from proxyattention.config import GROUP_SCHEMAS, ConfigError, to_trial_config, validate
-from proxyattention.schedule import ScheduleError, parse_schedule
+from proxyattention.schedule import ScheduleError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Plan:
     job_cells: list[str]  # the cell id of each Hydra job, in job order
 
     def cell_dir(self, cid: str) -> Path:
-        return manifest.cell_dir(self.sweep_dir, cid)
+        return cellstate.cell_dir(self.sweep_dir, cid)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,11 +260,6 @@ def baseline_overrides(overrides: Sequence[str], schedule: str) -> list[str]:
     return kept + ["proxy=none", f"proxy.schedule={schedule}"]
 
 
-def plan_id_of(job_overrides: Sequence[Sequence[str]]) -> str:
-    blob = json.dumps([list(j) for j in job_overrides], separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_dir: Path,
                fast: bool = True, max_errors: int = 5,
                progress: Optional[Callable[[int], None]] = None) -> Plan:
@@ -311,7 +305,7 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
     if errors:
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
         raise PlanError("\n".join(errors) + more + "\nNo cell was started; fix the override and run again.")
-    return Plan(sweep_dir=Path(sweep_dir), plan_id=plan_id_of(job_overrides),
+    return Plan(sweep_dir=Path(sweep_dir), plan_id=identity.plan_id(job_overrides),
                 cells=[cells[c] for c in order], job_cells=job_cells)
 
 
@@ -332,14 +326,14 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
     new = 0
     for cell in plan.cells:
         d = plan.cell_dir(cell.id)
-        snap = d / manifest.CONFIG
+        snap = d / fileio.CONFIG
         try:
             if os.path.getsize(snap) > 0:  # empty: a write lost to a crash (no fsync): write again
                 continue
         except FileNotFoundError:
             pass
         d.mkdir(parents=True, exist_ok=True)
-        manifest.write_text_atomic(snap, snapshot_yaml(cell.config), fsync=False)
+        fileio.write_text_atomic(snap, snapshot_yaml(cell.config), fsync=False)
         new += 1
     manifest.write_plan(plan.sweep_dir, plan.plan_id, [c.record for c in plan.cells],
                         extra={"overrides": list(argv_overrides), "fingerprint": fingerprint,
@@ -383,14 +377,14 @@ def fingerprint(config_dirs: Sequence[Path]) -> str:
 def cached_plan(sweep_dir: Path, job_overrides: Sequence[Sequence[str]], fp: str) -> Optional[Plan]:
     """The recorded plan of exactly these jobs, if nothing it depends on changed and its cells exist."""
     sweep_dir = Path(sweep_dir)
-    pid = plan_id_of(job_overrides)
-    d = manifest.read_json(sweep_dir / manifest.PLANS / f"{pid}.json")
+    pid = identity.plan_id(job_overrides)
+    d = fileio.read_json(sweep_dir / manifest.PLANS / f"{pid}.json")
     if d is None or not fp or d.get("fingerprint") != fp or len(d.get("job_cells", ())) != len(job_overrides):
         return None
     cells = []
-    root = str(manifest.cells_root(sweep_dir))
+    root = str(cellstate.cells_root(sweep_dir))
     for c in d["cells"]:
-        if not os.path.exists(os.path.join(root, c["id"], manifest.CONFIG)):
+        if not os.path.exists(os.path.join(root, c["id"], fileio.CONFIG)):
             return None
         rec = CellRecord(id=c["id"], overrides=c.get("overrides", []), baseline=c.get("baseline"),
                          role=c.get("role", "proxy"))

@@ -28,9 +28,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher import manifest
-from launcher.local import Rerun
-from launcher.manifest import CellRecord, CellState, CellStatus, Claim, Owner
-from launcher.slurm_state import LIVE, SlurmRecord, job_states, read_record, refresh_status, write_record
+from launcher.manifest import CellRecord, Claim, Rerun
+from launcher.slurm_state import (
+    LIVE,
+    SlurmRecord,
+    job_states,
+    read_record,
+    refresh_status,
+    write_record,
+)
+from proxyattention import cellstate
+from proxyattention.cellstate import CellState, CellStatus, Owner
 
 __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refresh_status",
            "sbatch_parameters", "sbatch_script", "max_array_size"]
@@ -69,8 +77,14 @@ class SlurmOptions:
     srun_args: List[str] = field(default_factory=list)
     python: Optional[str] = None  # interpreter on the nodes; null: the one running the launcher
     heartbeat_s: float = 30.0
-    stale_after_s: float = manifest.DEFAULT_STALE_AFTER_S
+    stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
+    cell_module: str = "proxyattention.cell"  # run as `python -m <cell_module> CELL_DIR`
+
+    @property
+    def wants_gpu(self) -> bool:
+        """The jobs ask Slurm for a GPU (gres or gpus_per_node): their cells must not fall back to the CPU."""
+        return bool(self.gpus_per_node) or "gpu" in str(self.gres or "")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SlurmOptions":
@@ -191,10 +205,10 @@ class SlurmSubmitter:
         self.folder = self.sweep_dir / SUBMITIT_DIR
 
     def dir(self, cid: str) -> Path:
-        return manifest.cell_dir(self.sweep_dir, cid)
+        return cellstate.cell_dir(self.sweep_dir, cid)
 
     def statuses(self, ids: list[str]) -> dict[str, CellStatus]:
-        raw = {cid: manifest.effective_status(manifest.read_status(self.dir(cid)), self.opts.stale_after_s)
+        raw = {cid: cellstate.effective_status(cellstate.read_status(self.dir(cid)), self.opts.stale_after_s)
                for cid in ids}
         return refresh_status(self.sweep_dir, raw)
 
@@ -271,7 +285,8 @@ class SlurmSubmitter:
         for part in chunks(ids, size):
             tasks = [CellJob(cell_dir=str(self.dir(cid).resolve()), requeue=self.opts.requeue,
                              heartbeat_s=self.opts.heartbeat_s, claim_wait_s=self.opts.claim_wait_s,
-                             python=self.opts.python or "") for cid in part]
+                             python=self.opts.python or "", cell_module=self.opts.cell_module,
+                             require_gpu=self.opts.wants_gpu) for cid in part]
             try:
                 with ex.batch():
                     submitted = [ex.submit(t) for t in tasks]
@@ -293,12 +308,12 @@ class SlurmSubmitter:
         cell = self.dir(cid)
         old = read_record(cell)
         previous = (old.previous_jobs + [old.job_id]) if old is not None else []
-        write_record(cell, SlurmRecord(job_id=job.job_id, submitted=now, submitter=f"{manifest.HOST}:{self.owner.pid}",
+        write_record(cell, SlurmRecord(job_id=job.job_id, submitted=now, submitter=f"{cellstate.HOST}:{self.owner.pid}",
                                        stdout=str(job.paths.stdout).replace("%t", "0"),
                                        stderr=str(job.paths.stderr).replace("%t", "0"),
                                        previous_jobs=previous[-20:]))
-        status = manifest.read_status(cell)
-        manifest.write_status(cell, dataclasses.replace(
+        status = cellstate.read_status(cell)
+        cellstate.write_status(cell, dataclasses.replace(
             status, state=CellState.PENDING, backend="slurm", job_id=job.job_id, host=None, owner_pid=None,
             owner_start=None, pid=None, started=None, heartbeat=now, ended=None, duration_s=None,
             exit_code=None, error=None, interrupted=False, metrics={}))

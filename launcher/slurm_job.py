@@ -3,7 +3,7 @@
 submitit pickles a :class:`CellJob` (a cell folder and two settings, nothing heavy) and calls it on the
 node. The job claims the cell (the submitter releases its own short claim right after ``sbatch``, so the
 job may wait a moment), writes ``status.json`` RUNNING with its Slurm job id, runs
-``python -m proxyattention.cell CELL_DIR`` with its output appended to the cell's ``stdout.log`` /
+``python -m proxyattention.cell CELL_DIR`` (:mod:`launcher.cellproc`, as a local cell) with its output appended to the cell's ``stdout.log`` /
 ``stderr.log`` (the same files a local cell writes), heartbeats, and writes the final state. While it
 runs, the job is the only writer of ``status.json``.
 
@@ -29,7 +29,6 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,11 @@ from types import FrameType
 from typing import Any, Optional
 
 from launcher import manifest
-from launcher.manifest import CellState, CellStatus, Claim, Owner
+from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
+from launcher.manifest import Claim
+from proxyattention import cellstate
+from proxyattention.cellstate import CellState, CellStatus, Owner
+from proxyattention.config import REQUIRE_GPU_ENV
 
 
 class CellFailedError(RuntimeError):
@@ -77,6 +80,8 @@ class CellJob:
     claim_wait_s: float = 300.0
     stop_grace_s: float = 30.0
     python: str = ""  # the interpreter for the cell; default: the one running this job
+    cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
+    require_gpu: bool = False  # the job asked Slurm for a GPU: the cell must use it, never the CPU
 
     def __post_init__(self) -> None:
         self._signalled = False
@@ -112,13 +117,13 @@ class CellJob:
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, self._on_usr2)
         claim = self._claim(cell, owner)
-        status = manifest.read_status(cell)
-        if status.state == CellState.DONE and manifest.read_result(cell) is not None:
+        status = cellstate.read_status(cell)
+        if status.state == CellState.DONE and cellstate.read_result(cell) is not None:
             claim.release()
             print(f"cell {cell.name} is already DONE; nothing to do", flush=True)
             return {"state": CellState.DONE.value, "skipped": True}
         status = status.started_by(owner)
-        manifest.write_status(cell, status)
+        cellstate.write_status(cell, status)
         released = False
         try:
             if not self._signalled:
@@ -130,7 +135,7 @@ class CellJob:
                 self._requeue_through_submitit(submitit_handler)  # exits (requeued) or raises
             if status.state == CellState.RUNNING:  # the USR2 came before the child started; requeue off
                 status = status.finished(CellState.TIMEOUT, error="time limit reached before the cell started")
-                manifest.write_status(cell, status)
+                cellstate.write_status(cell, status)
         except BaseException as e:
             if status.state == CellState.RUNNING or (released and _is_uncompleted(e)):
                 status = self._final_for_exception(cell, status, e, released)
@@ -169,45 +174,18 @@ class CellJob:
 
     def _run(self, cell: Path, claim: Claim, status: CellStatus) -> CellStatus:
         """Run the cell process to its end (or to an interruption); return the status written."""
-        cmd = [self.python or sys.executable, "-m", "proxyattention.cell", str(cell)]
-        with open(cell / manifest.STDOUT, "ab") as out, open(cell / manifest.STDERR, "ab") as err:
-            # The same header as a local attempt, plus the Slurm job id.
-            stamp = (f"\n===== attempt {status.attempts} on {status.host} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                     f"{' '.join(cmd)} (slurm job {status.job_id})\n").encode()
-            out.write(stamp)
-            err.write(stamp)
-            out.flush()
-            err.flush()
-            # OMP_NUM_THREADS comes from the sbatch script (= cpus_per_task); GPUs from Slurm's gres.
-            self._child = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                           env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                           start_new_session=True, preexec_fn=_ignore_usr2)
+        # OMP_NUM_THREADS comes from the sbatch script (= cpus_per_task); GPUs from Slurm's gres.
+        proc = CellProcess(cell, module=self.cell_module, python=self.python,
+                           env={REQUIRE_GPU_ENV: "1"} if self.require_gpu else {},
+                           note=f"slurm job {status.job_id}", preexec_fn=_ignore_usr2)
+        self._child = proc.start(status.attempts, status.host)
         status = dataclasses.replace(status, pid=self._child.pid)
-        manifest.write_status(cell, status)
-        next_beat = time.monotonic() + self.heartbeat_s
-        while True:
-            try:
-                rc = self._child.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if self._signalled and self.requeue:
-                return status  # the main flow stops the child and requeues
-            if time.monotonic() >= next_beat:
-                claim.heartbeat()
-                status = status.beat()
-                manifest.write_status(cell, status)
-                next_beat = time.monotonic() + self.heartbeat_s
-        if self._signalled and self.requeue and rc != 0:
+        cellstate.write_status(cell, status)
+        requeueing = lambda: self._signalled and self.requeue  # noqa: E731
+        rc, status = watch(self._child, cell, claim, status, self.heartbeat_s, stop=requeueing)
+        if requeueing() and rc != 0:
             return status  # stopped for the requeue (or died meanwhile): the main flow requeues it
-        state, error, metrics = manifest.cell_outcome(cell, rc)
-        if self._signalled and state == CellState.CANCELLED:
-            # Killed after the time-limit warning with requeue off: Slurm's time limit did it.
-            state, error = CellState.TIMEOUT, "time limit reached (requeue is off); rerun resumes from the checkpoint"
-        status = status.finished(state, exit_code=rc, error=error, metrics=metrics,
-                                 interrupted=state == CellState.CANCELLED)
-        manifest.write_status(cell, status)
-        return status
+        return record_end(cell, status, rc, time_limit_warned=self._signalled)
 
     def _stop_child(self) -> Optional[int]:
         """Stop the cell process if it still runs: SIGINT (it keeps its last checkpoint), then SIGKILL."""
@@ -233,7 +211,7 @@ class CellJob:
                             error=f"time limit or preemption: stopped at its last epoch checkpoint and "
                                   f"requeued as job {job_id}; it resumes when the job starts again"),
             heartbeat=time.time())
-        manifest.write_status(cell, status)
+        cellstate.write_status(cell, status)
         return status
 
     @staticmethod
@@ -262,11 +240,11 @@ class CellJob:
             if claim is None:
                 return status
             try:
-                manifest.write_status(cell, new)
+                cellstate.write_status(cell, new)
             finally:
                 claim.release()
         else:
-            manifest.write_status(cell, new)
+            cellstate.write_status(cell, new)
         return new
 
 

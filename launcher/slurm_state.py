@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from launcher import manifest
-from launcher.manifest import CellState, CellStatus
+from proxyattention import cellstate, fileio
+from proxyattention.cellstate import CellState, CellStatus
 
 RECORD = "slurm.json"
 
@@ -67,7 +68,7 @@ class SlurmRecord:
 
 
 def read_record(cell: Path) -> Optional[SlurmRecord]:
-    d = manifest.read_json(Path(cell) / RECORD)
+    d = fileio.read_json(Path(cell) / RECORD)
     if d is None:
         return None
     names = {f.name for f in dataclasses.fields(SlurmRecord)}
@@ -78,7 +79,7 @@ def read_record(cell: Path) -> Optional[SlurmRecord]:
 
 
 def write_record(cell: Path, record: SlurmRecord) -> None:
-    manifest.write_json_atomic(Path(cell) / RECORD, record.to_dict())
+    fileio.write_json_atomic(Path(cell) / RECORD, record.to_dict())
 
 
 def _run(cmd: list[str], timeout: float = 60.0) -> Optional[str]:
@@ -167,7 +168,7 @@ def refresh_status(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str
     records = {}
     for cid, s in statuses.items():
         if s.backend == "slurm" and s.state != CellState.DONE:
-            rec = read_record(manifest.cell_dir(sweep_dir, cid))
+            rec = read_record(cellstate.cell_dir(sweep_dir, cid))
             if rec is not None:
                 records[cid] = rec
     states = job_states(r.job_id for r in records.values())

@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Optional
 
 from launcher import manifest
-from launcher.manifest import CellRecord, CellState, CellStatus
+from launcher.manifest import CellRecord
+from proxyattention import cellstate
+from proxyattention.cellstate import CellState, CellStatus
 
 
-def collect(sweep_dir: Path, stale_after_s: float = manifest.DEFAULT_STALE_AFTER_S
+def collect(sweep_dir: Path, stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
             ) -> tuple[list[CellRecord], dict[str, CellStatus]]:
     """The sweep's cells and their effective statuses."""
     records = manifest.read_plans(sweep_dir)
-    root = str(manifest.cells_root(sweep_dir))
-    statuses = {r.id: manifest.effective_status(manifest.read_status(os.path.join(root, r.id)), stale_after_s)
+    root = str(cellstate.cells_root(sweep_dir))
+    statuses = {r.id: cellstate.effective_status(cellstate.read_status(os.path.join(root, r.id)), stale_after_s)
                 for r in records}
     by_backend: dict[str, dict[str, CellStatus]] = {}
     for cid, s in statuses.items():
@@ -54,7 +56,7 @@ def counts_of(statuses: dict[str, CellStatus]) -> dict[str, int]:
 
 
 def as_json(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus]) -> dict:
-    root = str(manifest.cells_root(sweep_dir))
+    root = str(cellstate.cells_root(sweep_dir))
     cells = []
     for r in records:
         s = statuses[r.id]
@@ -95,10 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  description="Show the state of every cell of a sweep folder.")
     ap.add_argument("sweep_dir", type=Path, help="the sweep folder (printed at the end of every launch)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
-    ap.add_argument("--stale-after", type=float, default=manifest.DEFAULT_STALE_AFTER_S, metavar="S",
+    ap.add_argument("--stale-after", type=float, default=cellstate.DEFAULT_STALE_AFTER_S, metavar="S",
                     help="a RUNNING cell on another host silent for S seconds counts as interrupted")
     args = ap.parse_args(argv)
-    if not (args.sweep_dir / manifest.PLANS).is_dir() and not manifest.cells_root(args.sweep_dir).is_dir():
+    if not (args.sweep_dir / manifest.PLANS).is_dir() and not cellstate.cells_root(args.sweep_dir).is_dir():
         print(f"error: {args.sweep_dir} is not a sweep folder (it has no plans/ or cells/); the launcher "
               "prints the sweep folder at the end of every launch", file=sys.stderr)
         return 2

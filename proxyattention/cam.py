@@ -251,7 +251,10 @@ def _library_cam(method: str, model: nn.Module, target: TargetLayer, reshape: Op
 
 def _library_targets(method: str, model: nn.Module, images: torch.Tensor,
                      targets: torch.Tensor) -> list:
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
+    from pytorch_grad_cam.utils.model_targets import (
+        ClassifierOutputTarget,
+        FinerWeightedTarget,
+    )
 
     classes = [int(t) for t in targets.tolist()]
     if method != "finercam":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import secrets
 import socket
 import time
@@ -231,3 +232,19 @@ def effective_status(status: CellStatus, stale_after_s: float = DEFAULT_STALE_AF
     who = f"pid {status.owner_pid} on {status.host}"
     return dataclasses.replace(status, state=CellState.CANCELLED, interrupted=True,
                                error=f"interrupted: its launcher ({who}) is gone; rerun to resume")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*)?(?:Error|Exception|Exit|Interrupt)(?::|$)")
+
+
+def error_headline(text: Optional[str], limit: int = 160) -> str:
+    """The line of a cell's error text a reader needs, stripped and cut to ``limit`` characters.
+
+    That is the last line naming an exception (``ValueError: …``: the end of a traceback) where there
+    is one, else the first non-empty line (``exit code 1``, ``timed out: …``).
+    """
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    line = raised[-1] if raised else (lines[0] if lines else "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from proxyattention.data.registry import SOURCES
 from proxyattention.schedule import ScheduleError, parse_schedule
 
 # Every CAM method of pytorch-grad-cam, by the name used in `method=...`.
@@ -29,7 +30,9 @@ NATIVE_CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "eigengradcam", "
 CAM_IMPLS = ("auto", "native", "library")
 PROXY_MODES = ("blend", "mean", "max", "min", "black", "white")
 PROXY_TARGETS = ("predicted", "mistake", "true")
-DATASET_SOURCES = ("digits", "imagefolder", "cifar100", "caltech101", "places365", "shapes")
+DATASET_SOURCES = tuple(SOURCES)
+# Set by GPU launcher profiles: a cell must train on a GPU, never fall back to the CPU.
+REQUIRE_GPU_ENV = "PROXYATTENTION_REQUIRE_GPU"
 IN_MEMORY = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,9 +51,10 @@ class DatasetConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15  # ignored where the dataset has an official test split
     label_fn: str = "parent"  # "parent" (folder name) or "module:function" taking a path, returning a label
-    in_memory: str = "auto"  # hold decoded tensors in (GPU) memory: auto = when they fit in max_memory_mb
-    max_memory_mb: int = 2048
-    num_workers: int = 2  # DataLoader workers for streamed datasets
+    in_memory: str = "auto"  # hold images on the training device: auto = when they fit its memory budget
+    max_memory_mb: Optional[int] = None  # cap of that budget; null: a quarter of free GPU memory (CPU: 2048)
+    num_workers: Any = "auto"  # DataLoader workers for file datasets; auto: the CPUs Slurm/affinity give - 1
+    val_max: Optional[int] = None  # at most this many validation images (the rest train); null: no cap
     download: bool = False
     cache_dir: str = "${oc.env:PROXYATTENTION_CACHE,${oc.env:HOME,.}/.cache/proxyattention}"
 
@@ -172,13 +176,19 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
     _choice("dataset.source", c.dataset.source, DATASET_SOURCES)
     _choice("dataset.in_memory", c.dataset.in_memory, IN_MEMORY)
     _choice("train.device", c.train.device, DEVICES)
-    if c.dataset.source != "digits" and c.dataset.source != "shapes" and not c.dataset.root:
+    if SOURCES[c.dataset.source].needs_root and not c.dataset.root:
         raise ConfigError(f"dataset.root is not set for dataset.source={c.dataset.source!r}; "
                           "pass dataset.root=PATH (the folder holding the images)")
     if c.dataset.image_size < 8:
         raise ConfigError(f"dataset.image_size={c.dataset.image_size} is too small; use 8 or more")
     _in_range("dataset.val_fraction", c.dataset.val_fraction, 0.0, 0.9, lo_open=True)
     _in_range("dataset.test_fraction", c.dataset.test_fraction, 0.0, 0.9, lo_open=True)
+    if c.dataset.num_workers != "auto" and not (isinstance(c.dataset.num_workers, int) and c.dataset.num_workers >= 0):
+        raise ConfigError(f"dataset.num_workers={c.dataset.num_workers!r} must be auto or an integer >= 0")
+    if c.dataset.max_memory_mb is not None and c.dataset.max_memory_mb < 0:
+        raise ConfigError(f"dataset.max_memory_mb={c.dataset.max_memory_mb} must be >= 0 (or null: automatic)")
+    if c.dataset.val_max is not None and c.dataset.val_max < 1:
+        raise ConfigError(f"dataset.val_max={c.dataset.val_max} must be >= 1 (or null: no cap)")
     if c.dataset.val_fraction + c.dataset.test_fraction >= 0.95:
         raise ConfigError("dataset.val_fraction + dataset.test_fraction must leave images to train on "
                           f"(now {c.dataset.val_fraction} + {c.dataset.test_fraction})")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from proxyattention.data import normalize, to_float
+from proxyattention.data.transforms import normalize, to_float
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
                   masks: Optional[Tensor] = None) -> dict[str, float]:
     """The ``explain/*`` metrics of a trained trial on its test images (``cfg.explain`` says how).
 
-    bank: the trial's :class:`~proxyattention.data.ImageBank`; test_idx: (T,) long test indices;
+    bank: the trial's :class:`~proxyattention.data.bank.ImageBank`; test_idx: (T,) long test indices;
     masks: optional (len(dataset), h, w) bool object masks, indexed like the bank, any resolution.
     The CAMs explain the true class with ``cfg.explain.method``, which should differ from the training
     method (DESIGN.md); the model's mode and gradients are left as they were.
@@ -233,9 +233,8 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
                     "different CAM method (set explain.method)", e.method)
     idx = choose_images(test_idx.cpu(), int(e.images), int(cfg.train.seed))
     images, labels, maps = [], [], []
-    for chunk in idx.split(int(e.batch_size)):
-        x = to_float(bank.get(chunk))
-        y = bank.labels[chunk.to(bank.device)]
+    for _, imgs, y in bank.batches(idx, int(e.batch_size)):
+        x = to_float(imgs)
         maps.append(compute_cams(model, normalize(x), y, e.method, target_layer, impl=e.impl,
                                  batch_size=int(e.batch_size)).float())
         images.append(x)

@@ -38,10 +38,11 @@ VOLATILE_KEYS: tuple[str, ...] = (
 )
 # Speed choices that were part of identity before they became automatic: hashed at the value they
 # always had then, so cells run before keep their ids (``train.channels_last`` is now ``auto``).
-PINNED_KEYS: dict[str, Any] = {"train.channels_last": False}
+PINNED_KEYS: dict[str, Any] = {"train.channels_last": False, "dataset.in_memory": "auto",
+                               "dataset.max_memory_mb": 2048}
 # Keys added to the schema after cells were run: they enter an id only when set to a value other than
 # the one that reproduces the earlier behaviour, so earlier cells keep their ids.
-ADDED_KEYS: dict[str, Any] = {}
+ADDED_KEYS: dict[str, Any] = {"dataset.val_max": None}
 # Datasets named only by their folder: their folder's name joins the identity.
 FOLDER_NAMED_DATASETS = ("imagefolder",)
 
@@ -159,3 +160,8 @@ def ids(cfg: Mapping[str, Any]) -> tuple[str, str, Optional[str]]:
     c = complete(cfg)
     base = None if is_baseline(c) else cell_id(baseline_of(c))
     return cell_id(c), config_id(c), base
+
+
+def plan_id(job_overrides: Any) -> str:
+    """The id of a sweep's list of jobs (each a list of override strings), in the order given."""
+    return _digest([list(j) for j in job_overrides])

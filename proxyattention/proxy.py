@@ -31,7 +31,7 @@ from torch import Tensor
 
 from proxyattention.cam import explain_batch, to_input_size
 from proxyattention.config import MethodConfig, ProxyConfig
-from proxyattention.data import normalize, to_float
+from proxyattention.data.transforms import normalize, to_float
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,8 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
     after_ex: list[Tensor] = []
     dumped: list[Path] = []
     start = 0
-    for idx in chosen.split(int(method.batch_size)):
-        idx_d = idx.to(device)
-        before = state.apply(idx_d, bank.get(idx_d), upto=upto)
+    for idx_d, originals, _ in bank.batches(chosen, int(method.batch_size)):
+        before = state.apply(idx_d, originals, upto=upto)
         inp = normalize(to_float(before))
         if channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
@@ -232,17 +231,18 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
             layer_maps = out.layer
             shape, dtype = tuple(out.maps.shape[1:]), torch.float32 if out.layer else torch.float16
             maps = torch.empty((n, *shape), dtype=dtype, device=device)
-        maps[start:start + idx.numel()] = out.maps
-        chunk = ProxyLayer(idx_d, maps[start:start + idx.numel()], layer_maps)
-        after = state.rebuild(chunk, torch.arange(idx.numel(), device=device), before)
+        k = idx_d.numel()
+        maps[start:start + k] = out.maps
+        chunk = ProxyLayer(idx_d, maps[start:start + k], layer_maps)
+        after = state.rebuild(chunk, torch.arange(k, device=device), before)
         changed += (before != after).any(dim=1).float().mean(dim=(1, 2)).sum()
         now_correct += (out.predicted == labels[idx_d]).sum()
         if len(before_ex) * method.batch_size < keep:
             before_ex.append(before[:keep].clone())  # not a view: the chunk itself is let go
             after_ex.append(after[:keep].clone())
         if dump_dir is not None:
-            dumped += _dump(dump_dir, idx, after)
-        start += idx.numel()
+            dumped += _dump(dump_dir, idx_d.cpu(), after)
+        start += k
     index = chosen.to(device)
     state.record(ProxyLayer(index, maps if maps is not None else torch.zeros((0, 1, 1), device=device), layer_maps))
     stats = {"misclassified": int(wrong.numel()), "chosen": int(n), "images": int(n),

@@ -30,9 +30,22 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from proxyattention import checkpoint, fileio
-from proxyattention.config import ConfigError, TrialConfig, register_configs, to_trial_config
-from proxyattention.data import ImageBank, augment, load_or_make_split, load_samples, normalize, to_float
-from proxyattention.device import Precision, configure_backends, device_info, resolve_device
+from proxyattention.config import (
+    ConfigError,
+    TrialConfig,
+    register_configs,
+    to_trial_config,
+)
+from proxyattention.data.bank import ImageBank
+from proxyattention.data.registry import load_samples
+from proxyattention.data.split import load_or_make_split
+from proxyattention.data.transforms import normalize, to_float, training_input
+from proxyattention.device import (
+    Precision,
+    configure_backends,
+    device_info,
+    resolve_device,
+)
 from proxyattention.explain import explain_trial
 from proxyattention.identity import cell_id
 from proxyattention.models import TargetLayer, build_model, find_target_layer
@@ -272,7 +285,7 @@ def train_epoch(trial: Trial, epoch: int) -> dict[str, float]:
         batches = tqdm(batches, total=math.ceil(order.numel() / trial.batch_size),
                        desc=f"epoch {epoch}/{trial.epochs}", leave=False)
     for idx, imgs, labels in batches:
-        x = normalize(augment(to_float(trial.proxies.apply(idx, imgs)), aug_gen))
+        x = training_input(trial.proxies.apply(idx, imgs), aug_gen)  # augmented, normalised
         if trial.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast(device):

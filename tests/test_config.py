@@ -84,6 +84,19 @@ def test_cell_id_is_stable_and_ignores_volatile_keys():
     assert len(a) == 12
 
 
+def test_spellings_the_trial_treats_alike_are_one_cell():
+    ids = {cell_id(make(f"proxy.schedule='{s}'")) for s in ("1,p,1", "1,P,1", " 1,p,1", "1, p ,1")}
+    assert len(ids) == 1
+    assert cell_id(make("proxy.schedule='1,p,1'")) != cell_id(make("proxy.schedule='1,p,2'"))
+    speed = make("dataset.in_memory=no", "dataset.max_memory_mb=64", "train.channels_last=true")
+    assert cell_id(speed) == cell_id(make())  # where images live and their layout change no result
+
+
+def test_val_max_enters_an_id_only_when_set():
+    assert cell_id(make("dataset.val_max=null")) == cell_id(make())
+    assert cell_id(make("dataset.val_max=100")) != cell_id(make())
+
+
 def test_baselines_of_different_proxy_settings_are_one_cell():
     b1 = baseline_of(make("proxy.threshold=0.1", "method=eigengradcam"))
     b2 = baseline_of(make("proxy.threshold=0.85", "proxy.mode=black"))

@@ -1,4 +1,4 @@
-"""Datasets, the split, augmentation and the proxy overlay."""
+"""Datasets, the split and augmentation."""
 
 import json
 
@@ -9,8 +9,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from proxyattention.config import DatasetConfig
-from proxyattention.data import (DataError, ImageBank, ProxyOverlay, augment, load_or_make_split,
-                                 load_samples, make_split, open_rgb)
+from proxyattention.data.bank import ImageBank, open_rgb
+from proxyattention.data.registry import load_samples
+from proxyattention.data.samples import DataError
+from proxyattention.data.split import load_or_make_split, make_split
+from proxyattention.data.transforms import augment
 
 
 def ds_cfg(tmp_path, **kw):
@@ -132,19 +135,79 @@ def test_augment_is_seeded_and_flips_or_rotates():
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
 
 
-def test_overlay_replaces_only_its_indices_and_round_trips():
-    ov = ProxyOverlay(torch.device("cpu"))
-    imgs = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
-    ov.update(torch.tensor([7, 3]), torch.stack([torch.full((3, 2, 2), 7, dtype=torch.uint8),
-                                                  torch.full((3, 2, 2), 3, dtype=torch.uint8)]))
-    out = ov.apply(torch.tensor([1, 3, 7, 9]), imgs)
-    assert out[:, 0, 0, 0].tolist() == [0, 3, 7, 0]
-    assert imgs.sum() == 0  # the originals are untouched
-    ov.update(torch.tensor([3, 5]), torch.full((2, 3, 2, 2), 9, dtype=torch.uint8))
-    assert ov.index.tolist() == [3, 5, 7]
-    assert ov.apply(torch.tensor([3, 5, 7]), imgs[:3])[:, 0, 0, 0].tolist() == [9, 9, 7]
-    again = ProxyOverlay(torch.device("cpu"))
-    again.load_state_dict(ov.state_dict())
-    assert torch.equal(again.index, ov.index) and torch.equal(again.images, ov.images)
-    ov.clear()
-    assert len(ov) == 0 and torch.equal(ov.apply(torch.tensor([3]), imgs[:1]), imgs[:1])
+def test_persistent_loader_serves_any_order_with_workers(tmp_path):
+    """One worker pool for every pass: a second pass in a new order gets the right images, in order."""
+    _write_images(tmp_path / "data")
+    s = load_samples(ds_cfg(tmp_path, source="imagefolder", root=str(tmp_path / "data")))
+    mem = ImageBank(s, 16, torch.device("cpu"), "yes", 64, 0)
+    stream = ImageBank(s, 16, torch.device("cpu"), "no", 64, 2)
+    assert stream.mode == "files" and stream.num_workers == 2
+    for order in (torch.tensor([4, 0, 2, 1, 3]), torch.tensor([3, 3, 1])):
+        got = torch.cat([x for _, x, _ in stream.batches(order, 2)])
+        assert torch.equal(got, mem.get(order))
+    loader = stream._loader
+    assert torch.equal(stream.get(torch.tensor([2, 0])), mem.get(torch.tensor([2, 0])))
+    assert stream._loader is loader  # the same workers, not a new pool per call
+
+
+def test_decoded_arrays_too_large_when_resized_stay_at_their_stored_size(tmp_path):
+    """CIFAR-100 at 224 px: held at 32 px and resized per batch, the same images as resized once."""
+    s = load_samples(ds_cfg(tmp_path))  # digits: 8x8 arrays
+    resized_mb = len(s) * 3 * 64 * 64 / 2**20  # ~21 MiB at 64 px; 0.33 MiB stored
+    small = ImageBank(s, 64, torch.device("cpu"), "auto", int(resized_mb / 2), 0)
+    whole = ImageBank(s, 64, torch.device("cpu"), "auto", int(resized_mb * 2), 0)
+    host = ImageBank(s, 64, torch.device("cpu"), "no", None, 0)
+    assert (small.mode, whole.mode, host.mode) == ("device-stored", "device", "host")
+    assert small.images.shape[-2:] == (8, 8) and small.in_memory and not host.in_memory
+    idx = torch.tensor([5, 1700, 3, 3])
+    assert torch.equal(small.get(idx), whole.get(idx)) and torch.equal(host.get(idx), whole.get(idx))
+    for (i1, x1, y1), (i2, x2, y2) in zip(small.batches(idx, 3), whole.batches(idx, 3)):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_memory_budget_follows_free_gpu_memory_and_the_cap(monkeypatch):
+    from proxyattention.data.bank import memory_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15 * 2**30, 16 * 2**30))
+    cuda = torch.device("cuda")
+    assert memory_budget(cuda, None) == 15 * 2**30 // 4
+    assert memory_budget(cuda, 1024) == 2**30
+    assert memory_budget(torch.device("cpu"), None) == 2 * 2**30
+    assert memory_budget(torch.device("cpu"), 10) == 10 * 2**20
+
+
+def test_loader_workers_follow_the_cpus_slurm_gives(monkeypatch):
+    from proxyattention.data.bank import resolve_workers
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert resolve_workers("auto") == 7
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setenv("PROXYATTENTION_CPUS", "4")  # the local launcher's threads_per_cell
+    assert resolve_workers("auto") == 3
+    monkeypatch.delenv("PROXYATTENTION_CPUS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert resolve_workers("auto") == 2
+    assert resolve_workers(0) == 0 and resolve_workers(5) == 5
+
+
+def test_val_max_caps_validation_alike_per_class_and_the_rest_trains():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=2000)
+    train, val, test = make_split(labels, 1, 0.15, 0.15)
+    ctrain, cval, ctest = make_split(labels, 1, 0.15, 0.15, val_max=100)
+    assert torch.equal(torch.from_numpy(ctest), torch.from_numpy(test))  # the test set never moves
+    assert 96 <= len(cval) <= 100 and set(cval) <= set(val)
+    assert sorted(np.concatenate([ctrain, cval]).tolist()) == sorted(np.concatenate([train, val]).tolist())
+    share = np.bincount(labels[cval], minlength=4) / len(cval)
+    assert np.abs(share - np.bincount(labels[val], minlength=4) / len(val)).max() < 0.03
+    same = make_split(labels, 1, 0.15, 0.15, val_max=10_000)  # a cap above the size changes nothing
+    assert all(np.array_equal(a, b) for a, b in zip(same, (train, val, test)))
+
+
+def test_normalisation_constants_are_made_once_per_device():
+    from proxyattention.data.transforms import IMAGENET_MEAN, _mean_std, normalize
+
+    x = torch.rand(2, 3, 4, 4)
+    assert _mean_std(x.device, x.dtype)[0] is _mean_std(x.device, x.dtype)[0]
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(x), expected)

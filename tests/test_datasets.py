@@ -21,10 +21,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from proxyattention import datacli
 from proxyattention.config import DatasetConfig
-from proxyattention.data import DataError, ImageBank, load_or_make_split, load_samples
-from proxyattention.sources import SHAPE_CLASSES, SHAPES_PER_CLASS, shape_masks
+from proxyattention.data import cli as datacli
+from proxyattention.data.bank import ImageBank
+from proxyattention.data.registry import load_samples
+from proxyattention.data.samples import DataError
+from proxyattention.data.shapes import SHAPE_CLASSES, SHAPES_PER_CLASS, shape_masks
+from proxyattention.data.split import load_or_make_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -369,9 +372,10 @@ def test_shapes_are_deterministic_balanced_and_have_aligned_masks(tmp_path):
 @pytest.mark.slow
 def test_shapes_is_learnable_by_a_tiny_model_in_a_few_cpu_epochs(tmp_path):
     """test_resnet, 8 epochs at 32 px on CPU: about 60 s on 2 idle cores (100 s on a busy machine)."""
+    from hydra import compose, initialize_config_dir
+
     from proxyattention.config import register_configs, to_trial_config
     from proxyattention.train import train
-    from hydra import compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):

@@ -7,9 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from proxyattention.explain import (average_drop, average_gain, average_increase, blur, choose_images,
-                                    confidences, curve_auc, energy_pointing, explanation_metrics,
-                                    insertion_deletion_curves, saliency_rank)
+from proxyattention.explain import (
+    average_drop,
+    average_gain,
+    average_increase,
+    blur,
+    choose_images,
+    confidences,
+    curve_auc,
+    energy_pointing,
+    explanation_metrics,
+    insertion_deletion_curves,
+    saliency_rank,
+)
 
 
 def identity(x):
@@ -165,7 +175,10 @@ def test_choose_images_is_seeded_and_spread():
 
 
 def test_agrees_with_pytorch_grad_cam_confidence_metrics():
-    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+    from pytorch_grad_cam.metrics.cam_mult_image import (
+        DropInConfidence,
+        IncreaseInConfidence,
+    )
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
 
 def test_amp_choice_matches_the_device():
     p = train_mod.Precision.choose(True, torch.device("cuda"))
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.get_device_capability() >= (8, 0):  # native bf16; a V100 (7.0) gets fp16 + scaler
         assert p.dtype == torch.bfloat16 and p.scaler is None
     else:
         assert p.dtype == torch.float16 and p.scaler is not None
@@ -36,7 +36,19 @@ def test_trial_on_gpu_with_amp_and_auto_batch_size(tmp_path):
     assert result["run"]["device"].startswith("cuda") and result["run"]["amp"] is not None
     assert result["data"]["in_memory"] and result["run"]["batch_size"] >= 2
     assert result["metrics"]["proxy/images"] > 0
-    assert json.loads((tmp_path / "t" / "result.json").read_text())["status"] == "done"
+    saved = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert saved["status"] == "done"
+    block = saved["device"]
+    assert block["type"] == "cuda" and block["name"] == torch.cuda.get_device_name()
+    assert block["capability"] == ".".join(map(str, torch.cuda.get_device_capability()))
+    assert block["precision"] in ("bf16", "fp16") and block["batch_size"] == result["run"]["batch_size"]
+
+
+def test_this_gpu_has_kernels_in_the_installed_build():
+    from proxyattention.device import has_kernels, resolve_device
+
+    assert has_kernels(torch.cuda.get_device_capability(), torch.cuda.get_arch_list())
+    assert resolve_device("auto").type == "cuda"
 
 
 def test_native_cam_on_gpu_matches_cpu():

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -107,8 +106,9 @@ def test_kill_cell_then_launcher_resumes_from_checkpoint(tmp_path):
 
 
 def _image_folder(root: Path) -> None:
-    from PIL import Image
     import random
+
+    from PIL import Image
 
     rng = random.Random(0)
     for k in range(3):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from waiting import wait_for
 
 FAKE_CELL = r'''

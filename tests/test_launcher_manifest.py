@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from launcher import manifest
-from launcher.manifest import CellRecord, CellState, CellStatus, Owner
+from launcher.manifest import CellRecord
+from proxyattention import cellstate
+from proxyattention.cellstate import CellState, CellStatus, Owner
 
 
 def _claim_in_child(cell: str, barrier, results) -> None:
@@ -24,10 +26,10 @@ def _claim_in_child(cell: str, barrier, results) -> None:
 def test_status_round_trip_and_pending_default(tmp_path):
     cell = tmp_path / "c"
     cell.mkdir()
-    assert manifest.read_status(cell).state is CellState.PENDING
+    assert cellstate.read_status(cell).state is CellState.PENDING
     s = CellStatus().started_by(Owner.this_process(), pid=123)
-    manifest.write_status(cell, s)
-    back = manifest.read_status(cell)
+    cellstate.write_status(cell, s)
+    back = cellstate.read_status(cell)
     assert back.state is CellState.RUNNING and back.attempts == 1 and back.pid == 123
     assert json.loads((cell / "status.json").read_text())["state"] == "RUNNING"
     assert not [p for p in cell.iterdir() if p.name.endswith(".tmp")]  # temp file renamed away
@@ -79,9 +81,9 @@ def test_claim_from_another_host_goes_stale_by_heartbeat(tmp_path):
 
 def test_running_with_dead_launcher_reads_as_interrupted():
     s = CellStatus().started_by(Owner.this_process(), pid=1)
-    assert manifest.effective_status(s).state is CellState.RUNNING
+    assert cellstate.effective_status(s).state is CellState.RUNNING
     s.owner_pid = 2 ** 22 + 12345  # no such pid
-    eff = manifest.effective_status(s)
+    eff = cellstate.effective_status(s)
     assert eff.state is CellState.CANCELLED and eff.interrupted and eff.state.failed
 
 

@@ -12,11 +12,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from proxyattention.schedule import quote_schedule_overrides
 from launcher.plan import Composer, PlanError, cached_plan, plan_sweep, write_plan_files
 from launcher.plugin import sweep_name
 from proxyattention.config import register_configs
 from proxyattention.identity import cell_id
+from proxyattention.schedule import quote_schedule_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,16 +149,16 @@ def test_cfg_job_shows_the_config(run_module, tmp_path):
 
 
 def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
-    from launcher import manifest
-    from launcher.manifest import CellState, CellStatus, Owner
+    from proxyattention import cellstate
+    from proxyattention.cellstate import CellState, CellStatus, Owner
 
     plan = plan_sweep(grid(**{"proxy.threshold": [0.1, 0.4]}), composer_fn, tmp_path)
     write_plan_files(plan)
     done, failed, _ = [plan.cell_dir(c.id) for c in plan.cells]
     s = CellStatus().started_by(Owner.this_process(), pid=1)
-    manifest.write_status(done, dataclasses.replace(s.finished(CellState.DONE, exit_code=0,
+    cellstate.write_status(done, dataclasses.replace(s.finished(CellState.DONE, exit_code=0,
                                                                metrics={"test/acc": 0.75}), job_id="4242_0"))
-    manifest.write_status(failed, s.finished(CellState.FAILED, exit_code=1, error="Traceback\nValueError: bad"))
+    cellstate.write_status(failed, s.finished(CellState.FAILED, exit_code=1, error="Traceback\nValueError: bad"))
     proc = run_module("launcher.status", str(tmp_path), "--json", cwd=tmp_path, check=True)
     out = json.loads(proc.stdout)
     assert out["counts"] == {"PENDING": 1, "RUNNING": 0, "DONE": 1, "FAILED": 1, "TIMEOUT": 0, "CANCELLED": 0}
@@ -167,3 +167,26 @@ def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
     assert [c["job_id"] for c in out["cells"]] == ["4242_0", None, None]
     text = run_module("launcher.status", str(tmp_path), cwd=tmp_path, check=True).stdout
     assert "ValueError: bad" in text and "0.7500" in text and "DONE job 4242_0" in text and "1 DONE, 1 FAILED" in text.replace("1 PENDING, ", "")
+
+
+def test_the_same_sweep_planned_under_two_homes_has_the_same_ids(tmp_path):
+    """dataset.root defaults to $HOME/data/...: no machine path may enter a cell id."""
+    import os
+    import re
+
+    listed = []
+    for home in ("home-a", "home-b"):
+        (tmp_path / home).mkdir()
+        env = {**os.environ, "HOME": str(tmp_path / home)}
+        env.pop("PROXYATTENTION_DATA", None)
+        env.pop("PROXYATTENTION_CACHE", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "launcher", "-m", "dataset=cifar100", "model=test_resnet",
+             "proxy.threshold=0.1,0.4", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={tmp_path / home / 'sweep'}"],
+            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # Each cell's line starts with its 12-hex id.
+        ids = [m.group(1) for line in proc.stdout.splitlines() if (m := re.match(r"([0-9a-f]{12})\s", line))]
+        listed.append(sorted(ids))
+    assert len(listed[0]) == 3  # two proxy cells and their shared baseline
+    assert listed[0] == listed[1]

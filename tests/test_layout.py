@@ -97,3 +97,23 @@ def test_one_home_for_identity_and_atomic_writes():
             assert "hashlib.sha256(blob" not in text, f"{mod} hashes configs itself"
         if mod != "proxyattention.fileio":
             assert "os.replace(" not in text, f"{mod} renames temp files itself; use proxyattention.fileio"
+
+
+def test_no_private_name_crosses_a_module():
+    """``from x import _name`` between project modules means the name is not private: make it public."""
+    crossings = []
+    for mod, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                crossings += [f"{mod}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossings
+
+
+def test_the_data_package_reads_its_sources_from_one_table():
+    from proxyattention.config import DATASET_SOURCES
+    from proxyattention.data.registry import SOURCES
+
+    assert DATASET_SOURCES == tuple(SOURCES)
+    rooted = {n for n, s in SOURCES.items() if s.needs_root}
+    assert rooted == {"imagefolder", "cifar100", "caltech101", "places365"}

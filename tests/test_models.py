@@ -8,8 +8,13 @@ import torch
 from omegaconf import OmegaConf
 
 from proxyattention.config import ModelConfig
-from proxyattention.models import (ModelSetupError, TargetLayer, build_model, find_target_layer,
-                                   reshape_transform_for)
+from proxyattention.models import (
+    ModelSetupError,
+    TargetLayer,
+    build_model,
+    find_target_layer,
+    reshape_transform_for,
+)
 
 
 def model_cfg(name: str, **kw) -> object:

@@ -85,13 +85,17 @@ def test_subset_is_seeded_sorted_and_sized():
 # ------------------------------------------------------------------------------ the compact proxy state
 
 class _Bank:
-    """The two things a proxy step reads from an image bank: images by index, and labels."""
+    """What a proxy step reads from an image bank (batches in order, labels), plus `get` for the checks."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels, self.device = images, labels, images.device
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx]
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        for idx in order.split(batch_size):
+            yield idx, self.images[idx], self.labels[idx]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def _cfg(clear: bool = True, target: str = "predicted", mode: str = "blend"):
 def _old_proxies(model, layer, bank, idx, proxy, method, current=None):
     """Proxies as the step made them before the state was compact: full maps, uint8 images kept."""
     from proxyattention.cam import compute_cams
-    from proxyattention.data import normalize, to_float
+    from proxyattention.data.transforms import normalize, to_float
 
     before = bank.get(idx) if current is None else current
     x = to_float(before)
@@ -205,7 +209,7 @@ def test_state_round_trips_and_mistake_target_explains_the_recorded_class(tiny):
     step = proxy_step(model, bank, state, mistakes, proxy, method, layer, torch.Generator().manual_seed(0))
     assert 0 <= step.stats["now_correct"] <= 2
     from proxyattention.cam import compute_cams
-    from proxyattention.data import normalize, to_float
+    from proxyattention.data.transforms import normalize, to_float
 
     x = to_float(bank.get(torch.tensor([5, 6])))
     cams = compute_cams(model, normalize(x), torch.tensor([3, 1]), "gradcampp", layer)

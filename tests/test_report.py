@@ -12,11 +12,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from proxyattention import results as R
+from proxyattention.analysis.maps import evaluation_method, grid_size, render_grid
+from proxyattention.analysis.report import (
+    BAR_FIGURE,
+    ReportConfig,
+    build_report,
+    parse_overrides,
+)
+from proxyattention.analysis.table import check_tensorboard, load_results, read_scalars
 from proxyattention.config import register_configs, to_trial_config
 from proxyattention.identity import baseline_of, cell_id
-from proxyattention.report import (BAR_FIGURE, ReportConfig, build_report, evaluation_method, grid_size,
-                                   parse_overrides, render_grid)
 
 ROOT = Path(__file__).resolve().parent.parent
 register_configs()
@@ -58,7 +63,7 @@ def real_sweep(tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_cells_record_explain_metrics_and_tensorboard_agrees(real_sweep):
-    df = R.load_results(real_sweep)
+    df = load_results(real_sweep)
     done = df[df["state"] == "DONE"]
     assert len(done) == 2
     for col in ("explain/ad", "explain/ai", "explain/ag", "explain/insertion", "explain/deletion",
@@ -66,8 +71,8 @@ def test_real_cells_record_explain_metrics_and_tensorboard_agrees(real_sweep):
         assert done[col].notna().all(), col
     assert (done["explain/images"] == 32).all()
     for d in done["dir"]:
-        assert R.check_tensorboard(d) == []
-        tags = set(R.read_scalars(Path(d) / "tb")["tag"])
+        assert check_tensorboard(d) == []
+        tags = set(read_scalars(Path(d) / "tb")["tag"])
         assert {"train/loss", "val/acc", "test/acc", "explain/ad"} <= tags
 
 
@@ -122,7 +127,7 @@ def test_report_of_a_synthetic_sweep(tmp_path):
     n = bench.synthetic_sweep(sweep, cells=60, tensorboard=False)
     assert n == 60
     md = build_report(sweep, ReportConfig(maps=0)).read_text()
-    df = R.load_results(sweep)
+    df = load_results(sweep)
     assert len(df) == 60
     assert "interval contains 0" in md or "only" in md
     for name in (BAR_FIGURE, "test_acc_vs_hyperparameters.png", "learning_curves.png"):

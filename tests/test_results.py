@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from proxyattention import results as R
+from proxyattention import identity
+from proxyattention.analysis import stats, table
+from proxyattention.cellstate import error_headline
 from proxyattention.config import TrialConfig
 from proxyattention.identity import baseline_of, cell_id
 
@@ -28,7 +30,8 @@ def trial(seed=0, threshold=0.4, proxy=True, dataset="digits"):
     return cfg if proxy else baseline_of(cfg)
 
 
-def write_cell(sweep: Path, cfg, acc=None, state=None, error=None, history=None, explain=None) -> Path:
+def write_cell(sweep: Path, cfg, acc=None, state=None, error=None, history=None, explain=None,
+               device=None) -> Path:
     """A cell folder as the launcher and the trial leave it (config snapshot, status, result/error)."""
     cid = cell_id(cfg)
     d = sweep / "cells" / cid
@@ -41,7 +44,7 @@ def write_cell(sweep: Path, cfg, acc=None, state=None, error=None, history=None,
         (d / "result.json").write_text(json.dumps({
             "status": "done", "trial_id": cid, "metrics": metrics, "timing": {"total_s": 1.0},
             "history": history or [], "run": {"target_layer": "layer2", "epochs": 2},
-            "data": {"split": "x"}}))
+            "data": {"split": "x"}, **({"device": device} if device else {})}))
     elif error:
         (d / "error.json").write_text(json.dumps({"status": "failed", "type": "DataError", "error": error}))
     return d
@@ -64,7 +67,7 @@ def sweep(tmp_path_factory):
 
 
 def test_load_results_one_row_per_cell_with_config_metrics_state(sweep):
-    df = R.load_results(sweep)
+    df = table.load_results(sweep)
     assert len(df) == 11
     assert df["state"].value_counts().to_dict() == {"DONE": 9, "FAILED": 1, "PENDING": 1}
     for col in ("cell_id", "role", "config_id", "baseline_id", "proxy.threshold", "train.seed",
@@ -80,7 +83,7 @@ def test_load_results_one_row_per_cell_with_config_metrics_state(sweep):
 
 
 def test_baseline_ids_are_config_baseline_of(sweep):
-    df = R.load_results(sweep)
+    df = table.load_results(sweep)
     for _, r in df[df["role"] == "proxy"].iterrows():
         cfg = OmegaConf.load(Path(r["dir"]) / "config.yaml")
         assert r["baseline_id"] == cell_id(baseline_of(cfg))
@@ -93,24 +96,46 @@ def test_baseline_ids_are_config_baseline_of(sweep):
 def test_exact_and_fast_ids_agree(sweep):
     for d in sorted((sweep / "cells").iterdir()):
         snap = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(d / "config.yaml")).items()}
-        assert R.ids_for(snap) == R.ids_for(R.identity.complete(snap))
+        assert table.ids_for(snap) == table.ids_for(identity.complete(snap))
 
 
 def test_t_quantile_matches_tables():
     for df, q in T975.items():
-        assert R.t_quantile(0.975, df) == pytest.approx(q, rel=1e-9)
-    assert R.t_quantile(0.025, 4) == pytest.approx(-R.t_quantile(0.975, 4))
-    assert R.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+        assert stats.t_quantile(0.975, df) == pytest.approx(q, rel=1e-9)
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4))
+    assert stats.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
     scipy_stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 4, 9, 50, 200):
         for p in (0.9, 0.95, 0.975, 0.995):
-            assert R.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-8)
+            assert stats.t_quantile(p, df) == pytest.approx(scipy_stats.t.ppf(p, df), rel=1e-8)
 
+
+
+def test_t_quantile_is_scipy_backed():
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert stats.t_cdf(stats.t_quantile(0.9, 6), 6) == pytest.approx(0.9, rel=1e-12)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        stats.t_quantile(1.0, 3)
+
+
+def test_first_line_of_an_error_text():
+    traceback = ("\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+                 "ValueError: first\n\nDuring handling of the above exception, another exception occurred:\n"
+                 "\n  File \"y.py\", line 2\nproxyattention.data.DataError: no root /data\n")
+    assert error_headline(traceback) == "proxyattention.data.DataError: no root /data"
+    assert error_headline("\n\n  exit code 1  \nsome stderr\nmore\n") == "exit code 1"
+    assert error_headline("interrupted by the launcher; rerun to resume") == \
+        "interrupted by the launcher; rerun to resume"
+    assert error_headline("Traceback (most recent call last):\nKeyboardInterrupt\n") == "KeyboardInterrupt"
+    assert error_headline("") == "" and error_headline(None) == "" and error_headline("\n \n") == ""
+    cut = error_headline("\n" + "x" * 200, limit=20)
+    assert cut == "x" * 19 + "…" and len(cut) == 20
+    assert error_headline("y" * 20, limit=20) == "y" * 20
 
 def test_paired_statistics_on_a_hand_made_sweep(sweep):
-    df = R.load_results(sweep)
-    s = R.paired_summary(df).set_index("config_id")
-    labels = R.config_labels(df)
+    df = table.load_results(sweep)
+    s = stats.paired_summary(df).set_index("config_id")
+    labels = table.config_labels(df)
     by_label = {labels[c]: r for c, r in s.iterrows()}
     a = by_label["dataset=digits proxy.threshold=0.4"]
     diffs = np.array([0.02, 0.01, 0.04])
@@ -131,15 +156,15 @@ def test_paired_statistics_on_a_hand_made_sweep(sweep):
 
 
 def test_interval_excluding_zero_has_no_caveat():
-    iv = R.mean_interval([0.03, 0.031, 0.029, 0.03])
+    iv = stats.mean_interval([0.03, 0.031, 0.029, 0.03])
     assert iv.lo > 0 and not iv.contains_zero
-    assert R.notes_for(iv, 0, iv.n) == ""
-    assert R.mean_interval([0.1]).n == 1 and math.isnan(R.mean_interval([0.1]).lo)
+    assert stats.notes_for(iv, 0, iv.n) == ""
+    assert stats.mean_interval([0.1]).n == 1 and math.isnan(stats.mean_interval([0.1]).lo)
 
 
 def test_grouped_paired_averages_per_seed_first(sweep):
-    df = R.load_results(sweep)
-    g = R.grouped_paired(df, ["dataset.name"]).set_index("dataset.name")
+    df = table.load_results(sweep)
+    g = stats.grouped_paired(df, ["dataset.name"]).set_index("dataset.name")
     # digits: seed 0 diffs 0.02 (A) and 0.01 (B); seed 1: 0.01, 0.02; seed 2: 0.04 → per-seed means.
     per_seed = [np.mean([0.02, 0.01]), np.mean([0.01, 0.02]), 0.04]
     assert g.loc["digits", "diff_mean"] == pytest.approx(np.mean(per_seed))
@@ -150,11 +175,11 @@ def test_unfinished_sweep_without_results_loads(tmp_path):
     s = tmp_path / "s"
     write_cell(s, trial(0), None, "RUNNING")
     write_cell(s, trial(0, proxy=False), None, None)
-    df = R.load_results(s)
+    df = table.load_results(s)
     assert sorted(df["state"]) == ["PENDING", "RUNNING"]
-    assert R.paired_summary(df).empty
-    with pytest.raises(R.ResultsError, match="cells/"):
-        R.load_results(tmp_path / "nowhere")
+    assert stats.paired_summary(df).empty
+    with pytest.raises(table.ResultsError, match="cells/"):
+        table.load_results(tmp_path / "nowhere")
 
 
 def test_tensorboard_check_reads_events_and_finds_disagreement(tmp_path):
@@ -171,18 +196,39 @@ def test_tensorboard_check_reads_events_and_finds_disagreement(tmp_path):
     w.close()
     (cell / "result.json").write_text(json.dumps({"status": "done", "history": history,
                                                   "metrics": {"test/acc": 0.75}}))
-    scalars = R.read_scalars(cell / "tb")
+    scalars = table.read_scalars(cell / "tb")
     assert set(scalars["tag"]) == {"train/loss", "val/acc", "test/acc"}
-    assert R.check_tensorboard(cell) == []
+    assert table.check_tensorboard(cell) == []
     history[1]["val/acc"] = 0.9
     (cell / "result.json").write_text(json.dumps({"status": "done", "history": history,
                                                   "metrics": {"test/acc": 0.75}}))
-    assert R.check_tensorboard(cell) == ["val/acc at epoch 2: TensorBoard 0.699999988079071 vs "
+    assert table.check_tensorboard(cell) == ["val/acc at epoch 2: TensorBoard 0.699999988079071 vs "
                                          "result.json 0.9"]
 
 
 def test_results_csv_frame_puts_identity_first(sweep):
-    df = R.results_csv_frame(R.load_results(sweep))
+    df = table.results_csv_frame(table.load_results(sweep))
     assert list(df.columns[:3]) == ["cell_id", "state", "role"]
     assert not any(c.startswith("_") for c in df.columns)
     assert isinstance(df, pd.DataFrame)
+
+
+def test_report_flags_mixed_devices_and_pairs_with_different_batch_sizes(tmp_path):
+    from proxyattention.analysis.report import _device_notes
+
+    s = tmp_path / "sweep"
+    gpu = {"type": "cuda", "name": "Tesla V100", "precision": "fp16", "batch_size": 256}
+    write_cell(s, trial(0), 0.8, "DONE", device=gpu)
+    write_cell(s, trial(0, proxy=False), 0.79, "DONE", device={**gpu, "batch_size": 192})
+    write_cell(s, trial(1), 0.8, "DONE", device={**gpu, "type": "cpu", "batch_size": 128})
+    write_cell(s, trial(1, proxy=False), 0.8, "DONE", device={**gpu, "type": "cpu", "batch_size": 128})
+    df = table.load_results(s)
+    assert set(df["device.type"]) == {"cuda", "cpu"} and set(df["device.batch_size"]) == {256, 192, 128}
+    notes = "\n".join(_device_notes(df))
+    assert "digits / test_resnet: cells ran on different device types (2 on cpu, 2 on cuda)" in notes
+    assert f"proxy cell {cell_id(trial(0))} trained with batch size 256" in notes and "with 192" in notes
+    assert cell_id(trial(1)) not in notes  # its pair agrees
+    one = tmp_path / "one"
+    write_cell(one, trial(0), 0.8, "DONE", device=gpu)
+    write_cell(one, trial(0, proxy=False), 0.79, "DONE", device=gpu)
+    assert _device_notes(table.load_results(one)) == []

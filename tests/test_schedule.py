@@ -1,6 +1,10 @@
 import pytest
 
-from proxyattention.schedule import ScheduleError, parse_schedule, quote_schedule_overrides
+from proxyattention.schedule import (
+    ScheduleError,
+    parse_schedule,
+    quote_schedule_overrides,
+)
 
 
 @pytest.mark.parametrize("text,segments,epochs,after", [

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-
 from waiting import wait_for as _wait_for
 
 
@@ -26,9 +25,9 @@ def wait_for(pred, timeout: float, what: str):
     """Poll every 2 s: each poll may ask squeue/sacct."""
     return _wait_for(pred, timeout, what, step=2.0)
 
-from launcher.manifest import CellState, CellStatus
 from launcher.slurm import SlurmOptions, chunks, sbatch_script
 from launcher.slurm_state import SlurmRecord, view
+from proxyattention.cellstate import CellState, CellStatus
 
 REPO = Path(__file__).resolve().parents[1]
 CHEAP = ("dataset=digits", "model=test_resnet", "explain.enabled=false", "dataset.image_size=16",

@@ -7,7 +7,7 @@
   non-image files, folders without images and non-RGB images, and writes the dataset's **manifest**.
 
 The manifest is a small JSON file under ``dataset.cache_dir/manifests`` — never inside the dataset
-folder — with the counts and the content fingerprint. :func:`apply_manifest`, called by
+folder — with the counts and the content fingerprint. :func:`~proxyattention.data.manifest.apply_manifest`, called by
 ``load_samples`` in every trial, warns naming the dataset and what changed when the data no longer
 matches it (so a sweep notices a dataset edited under it), and leaves out the files ``verify`` found
 unreadable (with a warning that says how many and where they are listed). The first trial to load a
@@ -18,10 +18,10 @@ Speed: files are checked by reading their headers (format, mode, size; ``--decod
 pixels) in a process pool; 100,000 small files take seconds on 2 cores (``bench/verify.py``).
 """
 
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -34,14 +34,16 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from proxyattention.config import DatasetConfig
-from proxyattention.data import SOURCES, DataError, Samples, _hash, make_split, scan_folder
-
-log = logging.getLogger(__name__)
-
-MANIFEST_VERSION = 1
-MAX_LISTED = 1000  # paths kept per list in a manifest; counts are always complete
-TORCHVISION_SOURCES = ("cifar100", "caltech101", "places365")
-ROOTLESS_SOURCES = ("digits", "shapes")
+from proxyattention.data.manifest import (
+    MANIFEST_VERSION,
+    MAX_LISTED,
+    manifest_path,
+    summarize,
+    write_manifest,
+)
+from proxyattention.data.registry import source
+from proxyattention.data.samples import DataError, scan_folder
+from proxyattention.data.split import make_split
 
 # Folder datasets of the thesis: where to get them and which folder dataset.root must name.
 FOLDER_DATASETS: dict[str, tuple[str, str]] = {
@@ -107,117 +109,6 @@ def config_for(target: str, root: Optional[str] = None, **overrides: Any) -> Dic
 
 # ----------------------------------------------------------------------------------------- manifest
 
-def manifest_path(cfg: Any) -> Optional[Path]:
-    """Where the manifest of ``cfg``'s dataset lives, keyed by source, root and label function.
-
-    The dataset's name is not in the key, so ``verify PATH`` and ``dataset=imagefolder
-    dataset.root=PATH`` share one manifest. None for embedded/generated sources.
-    """
-    if cfg.source in ROOTLESS_SOURCES or not cfg.root:
-        return None
-    root = os.path.abspath(os.path.expanduser(str(cfg.root)))
-    key = _hash(cfg.source, root, str(cfg.label_fn))[:10]
-    stem = os.path.basename(root.rstrip(os.sep)) or cfg.source
-    return Path(os.path.expanduser(str(cfg.cache_dir))) / "manifests" / f"{stem}-{key}.json"
-
-
-def summarize(samples: Samples) -> dict[str, Any]:
-    counts = np.bincount(samples.labels, minlength=len(samples.classes))
-    official = None if samples.official_test is None else int(samples.official_test.sum())
-    return {"images": len(samples), "classes": {c: int(n) for c, n in zip(samples.classes, counts)},
-            "official_test": official, "fingerprint": samples.fingerprint}
-
-
-def read_manifest(path: Optional[Path]) -> Optional[dict[str, Any]]:
-    if path is None or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return data if data.get("version") == MANIFEST_VERSION else None
-    except (OSError, ValueError):
-        log.warning("dataset manifest %s is unreadable; it will be written again", path)
-        return None
-
-
-def write_manifest(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write (temp file + rename): trials of a sweep may write the same manifest at once."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only cache costs only the change check
-        log.warning("could not write the dataset manifest %s (%s)", path, e)
-
-
-def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between two summaries, in words; empty when nothing did."""
-    changes = []
-    a, b = old["classes"], new["classes"]
-    gone, added = [c for c in a if c not in b], [c for c in b if c not in a]
-    if gone:
-        changes.append(f"{len(gone)} classes gone ({', '.join(gone[:5])}{' …' if len(gone) > 5 else ''})")
-    if added:
-        changes.append(f"{len(added)} classes added ({', '.join(added[:5])}{' …' if len(added) > 5 else ''})")
-    recount = [f"{c} {a[c]}→{b[c]}" for c in a if c in b and a[c] != b[c]]
-    if recount:
-        changes.append(f"{len(recount)} classes changed size ({', '.join(recount[:5])}"
-                       f"{' …' if len(recount) > 5 else ''})")
-    if old["images"] != new["images"]:
-        changes.append(f"images {old['images']}→{new['images']}")
-    if old.get("official_test") != new.get("official_test"):
-        changes.append(f"official test images {old.get('official_test')}→{new.get('official_test')}")
-    if not changes and old["fingerprint"] != new["fingerprint"]:
-        changes.append("same counts but files were replaced, renamed or resized "
-                       f"(fingerprint {old['fingerprint']}→{new['fingerprint']})")
-    return changes
-
-
-def _without(samples: Samples, bad: set[str]) -> Samples:
-    keep = np.array([p not in bad for p in samples.paths], dtype=bool)
-    return Samples(name=samples.name, classes=samples.classes, labels=samples.labels[keep],
-                   paths=[p for p, k in zip(samples.paths, keep) if k],
-                   official_test=None if samples.official_test is None else samples.official_test[keep],
-                   fingerprint=_hash(samples.fingerprint, "without", "\n".join(sorted(bad))))
-
-
-def apply_manifest(samples: Samples, cfg: Any) -> Samples:
-    """Check ``samples`` against the dataset's manifest (see the module doc); write one if missing."""
-    path = manifest_path(cfg)
-    if path is None:
-        return samples
-    summary = summarize(samples)
-    old = read_manifest(path)
-    root = os.path.abspath(os.path.expanduser(str(cfg.root)))
-    if old is None:
-        write_manifest(path, {"version": MANIFEST_VERSION, "dataset": cfg.name, "source": cfg.source,
-                              "root": root, "label_fn": cfg.label_fn, "written_by": "trial",
-                              "written_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary,
-                              "unreadable": [], "checked": False})
-        return samples
-    changes = describe_changes(old, summary)
-    if changes:
-        log.warning(
-            "dataset %s (%s) changed since its manifest was written by %s at %s: %s. Cells run before "
-            "and after this change saw different data. Run `python -m proxyattention.data verify %s%s` "
-            "to check it and record the current state (manifest: %s)",
-            cfg.name, root, old.get("written_by"), old.get("written_at"), "; ".join(changes),
-            cfg.name if cfg.source != "imagefolder" else root,
-            "" if cfg.source == "imagefolder" or not cfg.root else f" --root {root}", path)
-        return samples
-    bad = {u["path"] for u in old.get("unreadable", [])}
-    if bad and samples.paths is not None:
-        n_bad = old.get("unreadable_count", len(bad))
-        if n_bad > len(bad):  # more than a manifest lists: cannot leave them all out
-            log.warning("dataset %s: %d unreadable files, only %d listed in %s; fix the files",
-                        cfg.name, n_bad, len(bad), path)
-        present = bad & set(samples.paths)
-        if present:
-            log.warning("dataset %s: leaving out %d unreadable files that verify listed in %s (first: %s)",
-                        cfg.name, len(present), path, sorted(present)[0])
-            return _without(samples, present)
-    return samples
-
 
 # -------------------------------------------------------------------------------------- file checks
 
@@ -272,7 +163,7 @@ def verify(cfg: Any, seed: int = 0, decode: bool = False, workers: Optional[int]
     """Check the dataset of ``cfg``, print what was found, write its manifest; return the report."""
     out = out or sys.stdout
     p = lambda *a: print(*a, file=out)  # noqa: E731
-    samples = SOURCES[cfg.source](cfg)
+    samples = source(cfg.source).load(cfg)
     summary = summarize(samples)
     root = os.path.abspath(os.path.expanduser(str(cfg.root))) if cfg.root else None
     p(f"dataset {cfg.name} (source {cfg.source}{', root ' + root if root else ''})")
@@ -280,7 +171,7 @@ def verify(cfg: Any, seed: int = 0, decode: bool = False, workers: Optional[int]
       + (f"{summary['official_test']} images" if samples.official_test is not None else "no"))
 
     train, val, test = make_split(samples.labels, seed, cfg.val_fraction, cfg.test_fraction,
-                                  samples.official_test)
+                                  samples.official_test, cfg.val_max)
     p(f"  per split (seed {seed}, val_fraction {cfg.val_fraction}"
       + ("" if samples.official_test is not None else f", test_fraction {cfg.test_fraction}")
       + f"): train {len(train)} / val {len(val)} / test {len(test)}")
@@ -326,7 +217,7 @@ def verify(cfg: Any, seed: int = 0, decode: bool = False, workers: Optional[int]
     else:
         p("  images are decoded arrays (no files to check)")
 
-    path = manifest_path(cfg)
+    path = manifest_path(cfg) if source(cfg.source).needs_root else None
     if path is not None:
         write_manifest(path, {
             "version": MANIFEST_VERSION, "dataset": cfg.name, "source": cfg.source, "root": root,
@@ -360,12 +251,12 @@ def prepare(name: str, root: Optional[str] = None, download: bool = True, cache_
             **verify_kw: Any) -> int:
     """Get dataset ``name`` into ``root`` (or its configured root), then verify it. Returns an exit code."""
     cfg = load_dataset_config(name, root=root, cache_dir=cache_dir)
-    if cfg.source in TORCHVISION_SOURCES:
+    if source(cfg.source).downloads:
         cfg.download = download
         if cfg.root:
             os.makedirs(os.path.expanduser(cfg.root), exist_ok=True)
         print(f"{name}: {'downloading or finding' if download else 'finding'} the data in {cfg.root}")
-        SOURCES[cfg.source](cfg)  # torchvision's loader downloads/extracts; errors say what to do
+        source(cfg.source).load(cfg)  # torchvision's loader downloads/extracts; errors say what to do
         cfg.download = False
     elif cfg.source == "imagefolder":
         where, layout = FOLDER_DATASETS.get(name, FOLDER_DATASETS["imagefolder"])

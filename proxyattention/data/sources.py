@@ -1,9 +1,9 @@
-"""Dataset sources beyond the embedded digits: torchvision-backed CIFAR-100, Caltech101, Places365, and
-the synthetic ``shapes`` dataset with ground-truth object masks.
+"""The dataset loaders: scikit-learn's embedded digits, folders of class sub-folders, and the
+torchvision-backed CIFAR-100, Caltech101 and Places365.
 
-A source is ``fn(cfg) -> Samples`` registered with :func:`proxyattention.data.source`. The torchvision
-classes are the loaders: they read the exact on-disk format (and its checksums) and download it when
-``dataset.download=true``. Their errors ("Dataset not found or corrupted") are turned into
+A loader is ``fn(cfg) -> Samples``, listed in :data:`proxyattention.data.registry.SOURCES`. The torchvision
+classes are the loaders for their datasets: they read the exact on-disk format (and its checksums) and
+download it when ``dataset.download=true``. Their errors ("Dataset not found or corrupted") are turned into
 :class:`DataError` messages that name the missing folder and the command that fixes it, so an offline
 user never sees a stack trace from a download library.
 
@@ -14,20 +14,109 @@ class; the official test labels are not public) as the test set. The thesis's 20
 published; for a subset, arrange it as class folders and use ``dataset=imagefolder``.
 """
 
+
+
 from __future__ import annotations
 
-import functools
+import importlib
+import importlib.util
 import logging
-import math
 import os
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from proxyattention.data import DataError, Samples, _hash, source
+from proxyattention.data.samples import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    Samples,
+    content_hash,
+    scan_folder,
+)
 
 log = logging.getLogger(__name__)
 
+
+# --------------------------------------------------------------------------------------------- digits
+
+def load_digits(cfg: Any) -> Samples:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), upscaled to RGB uint8.
+
+    Read straight from the file scikit-learn ships (what ``sklearn.datasets.load_digits`` reads):
+    importing scikit-learn would cost a sweep cell about a second of start-up.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DataError("dataset=digits needs scikit-learn's bundled digits.csv.gz; install scikit-learn "
+                        "(`pip install scikit-learn`)")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    gray = np.round(table[:, :-1].reshape(-1, 8, 8) / 16.0 * 255.0).astype(np.uint8)  # values are 0..16
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    labels = table[:, -1].astype(np.int64)
+    return Samples(name="digits", classes=[str(c) for c in range(10)], labels=labels, images=rgb,
+                   fingerprint=content_hash(rgb.tobytes(), labels.tobytes()))
+
+
+# ----------------------------------------------------------------------------------------- imagefolder
+
+def resolve_label_fn(spec: str) -> Callable[[str], str]:
+    """``parent`` (the image's folder name) or ``module:function`` mapping a path to a label."""
+    if spec == "parent":
+        return lambda p: os.path.basename(os.path.dirname(p))
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise DataError(f"dataset.label_fn={spec!r} cannot be imported ({e}); use 'parent' or "
+                        "'package.module:function'") from None
+
+
+
+def load_imagefolder(cfg: Any) -> Samples:
+    """A folder of class sub-folders; ``root/train`` + ``root/test`` mark an official test split."""
+    root = cfg.root
+    if not root or not os.path.isdir(root):
+        raise DataError(f"dataset.root={root!r} is not a folder; point dataset.root at the dataset "
+                        f"(for {cfg.name}: see the README's datasets section, or "
+                        f"`python -m proxyattention.data prepare {cfg.name} ROOT`)")
+    label_fn = resolve_label_fn(cfg.label_fn)
+    has_official = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")) \
+        and cfg.label_fn == "parent"
+    parts = [("train", os.path.join(root, "train")), ("test", os.path.join(root, "test"))] \
+        if has_official else [("all", root)]
+    paths: list[str] = []
+    is_test: list[bool] = []
+    skipped_all: list[str] = []
+    empty_all: list[str] = []
+    for part, folder in parts:
+        scan = scan_folder(folder)
+        paths += scan.images
+        is_test += [part == "test"] * len(scan.images)
+        skipped_all += scan.skipped
+        empty_all += scan.empty_dirs
+    if skipped_all:
+        log.warning("%d non-image files skipped under %s (first: %s)", len(skipped_all), root,
+                    skipped_all[0])
+    if empty_all:
+        log.warning("%d folders under %s hold no images and give no class (first: %s)", len(empty_all),
+                    root, empty_all[0])
+    if not paths:
+        raise DataError(f"no images found under dataset.root={root!r}; expected class sub-folders "
+                        f"with {', '.join(IMAGE_EXTENSIONS[:4])}… files")
+    names = [str(label_fn(p)) for p in paths]
+    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[n] for n in names], dtype=np.int64)
+    rel = [os.path.relpath(p, root) for p in paths]
+    sizes = [str(os.path.getsize(p)) for p in paths]
+    return Samples(name=cfg.name, classes=classes, labels=labels, paths=paths,
+                   official_test=np.array(is_test) if has_official else None,
+                   fingerprint=content_hash("\n".join(rel), "\n".join(sizes), labels.tobytes()))
+
+
+# ------------------------------------------------------------------------------------- torchvision
 
 def _root(cfg: Any) -> str:
     if not cfg.root:
@@ -52,7 +141,6 @@ def _download_failed(cfg: Any, root: str, e: BaseException, archive: str) -> Dat
 
 # ------------------------------------------------------------------------------------------- CIFAR-100
 
-@source("cifar100")
 def load_cifar100(cfg: Any) -> Samples:
     """CIFAR-100 through ``torchvision.datasets.CIFAR100``: 50,000 train + 10,000 official test images.
 
@@ -89,12 +177,11 @@ def load_cifar100(cfg: Any) -> Samples:
     official[len(train.targets):] = True
     return Samples(name=cfg.name, classes=list(train.classes), labels=labels, images=images,
                    official_test=official,
-                   fingerprint=_hash(images.tobytes(), labels.tobytes(), "\n".join(train.classes)))
+                   fingerprint=content_hash(images.tobytes(), labels.tobytes(), "\n".join(train.classes)))
 
 
 # ------------------------------------------------------------------------------------------ Caltech101
 
-@source("caltech101")
 def load_caltech101(cfg: Any) -> Samples:
     """Caltech101 through ``torchvision.datasets.Caltech101``: 101 categories, no official test split.
 
@@ -127,12 +214,11 @@ def load_caltech101(cfg: Any) -> Samples:
     sizes = [str(os.path.getsize(p)) for p in paths]
     rel = [os.path.relpath(p, root) for p in paths]
     return Samples(name=cfg.name, classes=list(ds.categories), labels=labels, paths=paths,
-                   fingerprint=_hash("\n".join(rel), "\n".join(sizes), labels.tobytes()))
+                   fingerprint=content_hash("\n".join(rel), "\n".join(sizes), labels.tobytes()))
 
 
 # ------------------------------------------------------------------------------------ Places365 (256)
 
-@source("places365")
 def load_places365(cfg: Any) -> Samples:
     """Places365-Standard, small (256x256) images, through ``torchvision.datasets.Places365``.
 
@@ -168,145 +254,9 @@ def load_places365(cfg: Any) -> Samples:
     official = np.zeros(len(labels), dtype=bool)
     official[len(train.imgs):] = True
     # The md5-checked file lists define the content; stat-ing 1.8M files on every trial would not pay.
-    fp = _hash("\n".join(os.path.relpath(p, root) for p in paths), labels.tobytes(),
+    fp = content_hash("\n".join(os.path.relpath(p, root) for p in paths), labels.tobytes(),
                "\n".join(train.classes))
     return Samples(name=cfg.name, classes=list(train.classes), labels=labels, paths=paths,
                    official_test=official, fingerprint=fp)
 
 
-# --------------------------------------------------------------------------------------------- shapes
-
-SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
-SHAPES_PER_CLASS = 300
-SHAPES_SEED = 20240601
-
-
-@functools.lru_cache(maxsize=16)
-def _lerp_weights(size: int, cells: int) -> np.ndarray:
-    """(size, 4) weights that linearly interpolate a periodic 4-point lattice over ``cells`` cells."""
-    u = np.arange(size) / size * cells
-    i0 = np.floor(u).astype(int) % 4
-    f = u - np.floor(u)
-    w = np.zeros((size, 4))
-    w[np.arange(size), i0] += 1 - f
-    w[np.arange(size), (i0 + 1) % 4] += f
-    return w
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [0, 1]: (yy, xx), each (size, size)."""
-    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
-    return yy, xx
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float in [0, 1]: colour value noise at three scales, stripes, speckle, strokes."""
-    coarse = rng.uniform(0.15, 0.85, size=(3, 4, 4, 3))
-    bg = np.zeros((size, size, 3))
-    for octave, amp in zip(range(3), (0.5, 0.3, 0.2)):
-        w = _lerp_weights(size, 2 ** (octave + 1))
-        for ch in range(3):
-            bg[..., ch] += amp * (w @ coarse[octave, :, :, ch] @ w.T)
-    yy, xx = _grid(size)
-    angle = rng.uniform(0, math.pi)
-    freq = rng.uniform(3, 8)
-    stripes = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(angle) + yy * math.sin(angle)))
-    bg = bg * 0.8 + 0.2 * stripes[..., None] * rng.uniform(0.2, 1.0, size=3)
-    bg += rng.normal(0, 0.05, size=bg.shape)  # pixel speckle
-    # Distractor strokes: thin line segments in random colours, the same for every class.
-    for _ in range(rng.integers(1, 4)):
-        x0, y0, x1, y1 = rng.uniform(0, 1, size=4)
-        t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0))
-                    / max((x1 - x0) ** 2 + (y1 - y0) ** 2, 1e-6), 0, 1)
-        d = np.hypot(xx - (x0 + t * (x1 - x0)), yy - (y0 + t * (y1 - y0)))
-        bg[d < rng.uniform(0.01, 0.02)] = rng.uniform(0, 1, size=3)
-    return np.clip(bg, 0, 1)
-
-
-def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size) bool mask of one object of class ``kind``, random position, scale and rotation."""
-    r = rng.uniform(0.25, 0.34)  # half-extent as a fraction of the image
-    cx, cy = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
-    theta = rng.uniform(0, 2 * math.pi)
-    yy, xx = _grid(size)
-    dx, dy = xx - cx, yy - cy
-    u = (dx * math.cos(theta) + dy * math.sin(theta)) / r  # object coordinates, unit half-extent
-    v = (-dx * math.sin(theta) + dy * math.cos(theta)) / r
-    rad = np.hypot(u, v)
-    if kind == "circle":
-        return rad <= 1.0
-    if kind == "square":
-        return np.maximum(np.abs(u), np.abs(v)) <= 0.85
-    if kind == "triangle":  # equilateral, circumradius 1
-        ang = np.arctan2(v, u)
-        sector = 2 * math.pi / 3
-        local = np.mod(ang + math.pi / 2, sector) - sector / 2
-        return rad * np.cos(local) <= 0.5 + 1e-9
-    if kind == "cross":
-        bar = 0.3
-        return ((np.abs(u) <= bar) & (np.abs(v) <= 1)) | ((np.abs(v) <= bar) & (np.abs(u) <= 1))
-    if kind == "ring":
-        return (rad <= 1.0) & (rad >= 0.55)
-    raise ValueError(kind)
-
-
-def _render_shape(index: int, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Image ``index`` of the shapes dataset: ((size, size, 3) uint8, (size, size) bool mask, label).
-
-    Every image has its own random stream (seeded by its index), so any subset renders alone.
-    """
-    label = index % num_classes
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([SHAPES_SEED, index])))
-    bg = _background(rng, size)
-    mask = _shape_mask(SHAPE_CLASSES[label], rng, size)
-    colour = rng.uniform(0, 1, size=3)
-    colour[rng.integers(3)] = rng.choice([0.05, 0.95])  # saturated in one channel: visible on the noise
-    texture = 1 + rng.normal(0, 0.06, size=(size, size, 1))
-    img = np.where(mask[..., None], np.clip(colour * texture, 0, 1), bg)
-    return np.round(img * 255).astype(np.uint8), mask, label
-
-
-def _shapes_num_classes(cfg: Any) -> int:
-    n = cfg.num_classes if cfg.num_classes is not None else len(SHAPE_CLASSES)
-    if not 2 <= n <= len(SHAPE_CLASSES):
-        raise DataError(f"dataset.num_classes={n} for the shapes dataset must be 2..{len(SHAPE_CLASSES)}")
-    return int(n)
-
-
-def shape_masks(cfg: Any, indices: Optional[np.ndarray] = None) -> np.ndarray:
-    """Ground-truth object masks of the shapes dataset: (len(indices), S, S) bool, S = dataset.image_size.
-
-    ``indices`` are dataset indices (as in the split); None means all. The masks are pixel-aligned
-    with the images the trial sees (rendered at the input size, so no resize comes between them).
-    """
-    n_cls = _shapes_num_classes(cfg)
-    total = n_cls * SHAPES_PER_CLASS
-    idx = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= total):
-        raise IndexError(f"shapes has {total} images; index out of range")
-    size = int(cfg.image_size)
-    out = np.zeros((len(idx), size, size), dtype=bool)
-    for k, i in enumerate(idx):
-        out[k] = _render_shape(int(i), size, n_cls)[1]
-    return out
-
-
-@source("shapes")
-def load_shapes(cfg: Any) -> Samples:
-    """Synthetic shapes on cluttered backgrounds: class = shape; rendered at ``dataset.image_size``.
-
-    ``SHAPES_PER_CLASS`` images per class, deterministic (no files, no network). ``Samples.masks``
-    holds each image's object mask, the ground truth for pointing-game metrics; :func:`shape_masks`
-    renders the masks of any indices alone.
-    """
-    n_cls = _shapes_num_classes(cfg)
-    total = n_cls * SHAPES_PER_CLASS
-    size = int(cfg.image_size)
-    images = np.zeros((total, size, size, 3), dtype=np.uint8)
-    masks = np.zeros((total, size, size), dtype=bool)
-    labels = np.zeros(total, dtype=np.int64)
-    for i in range(total):
-        images[i], masks[i], labels[i] = _render_shape(i, size, n_cls)
-    return Samples(name=cfg.name, classes=list(SHAPE_CLASSES[:n_cls]), labels=labels, images=images,
-                   masks=masks, fingerprint=_hash(images.tobytes(), labels.tobytes()))

@@ -1,0 +1,172 @@
+"""The report's matplotlib figures: proxy vs baseline bars, accuracy against each proxy
+hyperparameter, and validation-accuracy learning curves with the proxy steps marked.
+
+matplotlib is imported (with the Agg backend) only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from proxyattention.fileio import read_json
+from proxyattention.schedule import parse_schedule
+
+MAX_PANELS = 12  # dataset/model panels in the learning-curve figure
+MAX_CURVES = 6  # proxy configurations per learning-curve figure (best by validation accuracy)
+
+
+def _plt() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no window)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(plt: Any, n: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels, up to 3 a row. Margins are fixed (tight_layout measures every text
+    and costs seconds on large figures); legends sit at a fixed place for the same reason."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=100, squeeze=False)
+    fig.subplots_adjust(left=0.09 if cols > 1 else 0.14, right=0.98, bottom=0.14 / rows + 0.04,
+                        top=1 - 0.1 / rows, wspace=0.28, hspace=0.45)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    for ax in flat:
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig, flat[:n]
+
+
+def figure_bars(rows: pd.DataFrame, path: Path, metric: str) -> Optional[Path]:
+    """Grouped bars per dataset/model: baseline, proxy (all configurations), proxy (best), ± std."""
+    if rows.empty:
+        return None
+    plt = _plt()
+    series = ["baseline", "proxy (all)", "proxy (best)"]
+    colours = ["#7f7f7f", "#1f77b4", "#ff7f0e"]
+    x = np.arange(len(rows))
+    width = 0.26
+    fig, (ax,) = _panels(plt, 1, width=max(4.5, 1.5 * len(rows) + 2), height=3.6)
+    fig.subplots_adjust(top=0.86, bottom=0.16)
+    for i, (name, colour) in enumerate(zip(series, colours)):
+        means = [v[0] for v in rows[name]]
+        stds = [0 if math.isnan(v[1]) else v[1] for v in rows[name]]
+        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=3, label=name, color=colour)
+    ax.set_xticks(x, [f"{d}\n{m}" for d, m in zip(rows["dataset"], rows["model"])])
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    lo = np.nanmin([v[0] - (0 if math.isnan(v[1]) else v[1]) for s in series for v in rows[s]] + [1.0])
+    if metric.endswith("acc"):
+        ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.legend(frameon=False, fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def figure_hyperparameters(df: pd.DataFrame, params: Sequence[str], path: Path, metric: str) -> list[str]:
+    """Accuracy against each proxy hyperparameter the sweep varies (one panel each), a line per
+    dataset/model, its baseline dashed. Returns the parameters drawn."""
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    drawn = [p for p in params if not proxy.empty and proxy[p].nunique() >= 2]
+    if not drawn:
+        return []
+    plt = _plt()
+    fig, axes = _panels(plt, len(drawn))
+    base = df[(df["state"] == "DONE") & (df["role"] == "baseline")]
+    base_means = base.groupby(["dataset.name", "model.name"])[metric].mean()
+    for ax, param in zip(axes, drawn):
+        for (ds, model), g in proxy.groupby(["dataset.name", "model.name"]):
+            stats = g.groupby(param)[metric].agg(["mean", "std"]).sort_index()
+            line = ax.errorbar(stats.index.astype(float), stats["mean"], yerr=stats["std"].fillna(0),
+                               marker="o", ms=3, capsize=2, label=f"{ds} / {model}")
+            if (ds, model) in base_means.index:
+                ax.axhline(base_means[(ds, model)], ls="--", lw=1, color=line[0].get_color())
+        ax.set_xlabel(param)
+        ax.set_ylabel(f"{metric} (mean ± std)")
+    axes[0].set_title("dashed: baseline (no proxy)", fontsize=8)
+    axes[0].legend(frameon=False, fontsize=7, loc="lower right")
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:
+    """cell_id → the per-epoch ``history`` of its ``result.json``."""
+    out = {}
+    for cid, rp in zip(rows["cell_id"], rows.get("result_path", pd.Series([None] * len(rows)))):
+        if isinstance(rp, str):
+            d = read_json(Path(rp))
+            if d:
+                out[cid] = d.get("history", [])
+    return out
+
+
+def _curve_label(label: str, ds: str, model: str) -> str:
+    """A configuration's label without the panel's dataset and model, cut to 70 characters."""
+    label = " ".join(w for w in label.split() if w not in (f"dataset={ds}", f"model={model}"))
+    return label if len(label) < 70 else label[:67] + "…"
+
+
+def _draw_curve(ax: Any, g: pd.DataFrame, hist: dict[str, list[dict]], label: str) -> set[float]:
+    """One configuration's mean val/acc over its seeds with a ±std band; returns its proxy steps."""
+    curves = [pd.Series({h["epoch"]: h["val/acc"] for h in hist.get(c, [])}) for c in g["cell_id"]]
+    curves = [c for c in curves if len(c)]
+    if not curves:
+        return set()
+    table = pd.concat(curves, axis=1)
+    mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
+    is_base = g["role"].iloc[0] == "baseline"
+    line, = ax.plot(mean.index, mean.values, color="black" if is_base else None, marker=".",
+                    lw=2 if is_base else 1.2, label=f"{label} (n={len(curves)})")
+    ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
+    if is_base:
+        return set()
+    return {e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0])).proxy_after}
+
+
+def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict[str, str]) -> None:
+    """The panel of one dataset/model: its baseline and its MAX_CURVES best proxy configurations."""
+    proxy = here[here["role"] == "proxy"]
+    best = list(proxy.groupby("config_id")["val/acc_best"].mean().sort_values(ascending=False)
+                .index[:MAX_CURVES])
+    chosen = list(here.loc[here["role"] == "baseline", "config_id"].unique()) + best
+    hist = _histories(here[here["config_id"].isin(chosen)])
+    steps: set[float] = set()
+    for config_id in chosen:
+        label = _curve_label(labels.get(config_id, config_id), ds, model)
+        steps |= _draw_curve(ax, here[here["config_id"] == config_id], hist, label)
+    for s in sorted(steps):
+        ax.axvline(s, ls=":", lw=1, color="#d62728")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch (dotted: proxy steps)")
+    ax.set_ylabel("val/acc")
+    ax.set_title(f"{ds} / {model}", fontsize=9)
+    ax.legend(frameon=False, fontsize=6, loc="lower right")
+
+
+def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: dict[str, str],
+                  path: Path) -> list[tuple[str, str]]:
+    """Validation accuracy per epoch, one panel per dataset/model: the baseline (black) and the
+    MAX_CURVES proxy configurations with the best validation accuracy, mean over seeds with a ±std
+    band; dotted lines mark proxy steps. Returns the (dataset, model) panels drawn."""
+    done = df[(df["state"] == "DONE")]
+    if done.empty or "val/acc_best" not in done:
+        return []
+    pairs = list(pairs)[:MAX_PANELS]
+    plt = _plt()
+    fig, axes = _panels(plt, len(pairs), width=5.2, height=3.4)
+    for ax, (ds, model) in zip(axes, pairs):
+        here = done[(done["dataset.name"].astype(str) == ds) & (done["model.name"].astype(str) == model)]
+        _curves_panel(ax, here, ds, model, labels)
+    fig.savefig(path)
+    plt.close(fig)
+    return pairs

@@ -1,0 +1,465 @@
+"""``python -m proxyattention.report SWEEP_DIR [report.KEY=VALUE ...]`` — a sweep folder as a report.
+
+Writes ``SWEEP_DIR/report/``: ``results.csv`` (one row per cell), ``report.md`` (the thesis-style tables,
+paired proxy − baseline differences with 95% intervals, explainability, failed and unfinished cells,
+checks), ``figures/*.png`` and ``maps/*.png`` (attention maps of a proxy model beside its baseline on the
+same test images, with a CAM method other than the training one). Works on a sweep that is still
+running: unfinished cells are listed, never silently dropped.
+
+Options (``report.KEY=VALUE``, checked against :class:`ReportConfig`): ``report.method=eigengradcam``,
+``report.maps=12`` (0: no attention maps, no torch), ``report.images=8``, ``report.tb_check=50``,
+``report.metric=test/acc``, ``report.out=DIR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+from proxyattention.analysis.figures import (
+    MAX_PANELS,
+    figure_bars,
+    figure_curves,
+    figure_hyperparameters,
+)
+from proxyattention.analysis.maps import attention_grid, map_pairs
+from proxyattention.analysis.stats import (
+    baseline_summary,
+    grouped_paired,
+    notes_for,
+    paired_summary,
+)
+from proxyattention.analysis.table import (
+    EXPLAIN_METRICS,
+    METRIC_DIRECTIONS,
+    MIN_SEEDS,
+    ResultsError,
+    check_tensorboard,
+    config_labels,
+    load_results,
+    results_csv_frame,
+)
+from proxyattention.cellstate import CellState
+from proxyattention.config import CAM_METHODS
+
+log = logging.getLogger(__name__)
+
+BAR_FIGURE = "bars_test_acc.png"  # the figure the README shows: keep this name stable
+HYPERPARAMETERS = ("proxy.threshold", "proxy.weight", "proxy.subset")
+MAX_WAITING = 40  # RUNNING / PENDING cells listed by name (failed cells are always all listed)
+STATES = tuple(s.value for s in CellState)
+FAILED_STATES = tuple(s.value for s in CellState if s.failed)
+
+
+@dataclass
+class ReportConfig:
+    method: str = "eigengradcam"  # CAM method for the attention-map grids (≠ the training method)
+    maps: int = 12  # at most this many grids, one per proxy configuration; 0 = none
+    images: int = 8  # test images per grid
+    metric: str = "test/acc"
+    level: float = 0.95  # confidence level of the intervals
+    tb_check: int = 50  # DONE cells whose TensorBoard scalars are checked against result.json; -1 = all
+    device: str = "cpu"
+    out: Optional[str] = None  # default: SWEEP_DIR/report
+
+
+def parse_overrides(args: Sequence[str]) -> ReportConfig:
+    """``report.KEY=VALUE`` strings → a checked :class:`ReportConfig` (an unknown key is an error)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    dotlist = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq or not key.startswith("report."):
+            raise SystemExit(f"error: {a!r} is not an option; options look like report.method=gradcam "
+                             f"(keys: {', '.join(ReportConfig.__dataclass_fields__)})")
+        dotlist.append(f"{key[len('report.'):]}={value}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ReportConfig), OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as e:
+        raise SystemExit(f"error: {e}".splitlines()[0] + f"; keys: "
+                         f"{', '.join(ReportConfig.__dataclass_fields__)}") from None
+    rc = ReportConfig(**OmegaConf.to_container(cfg))
+    if rc.method not in CAM_METHODS:
+        raise SystemExit(f"error: report.method={rc.method!r}; choose one of: {', '.join(CAM_METHODS)}")
+    return rc
+
+
+# --------------------------------------------------------------------------------------- formatting
+
+def fmt_mean(mean: float, std: float, n: int, digits: int = 3, scale: float = 1.0) -> str:
+    """``0.912 ± 0.004 (n=3)``; a single value has no std."""
+    if n == 0 or mean is None or math.isnan(mean):
+        return "–"
+    if n == 1 or std is None or math.isnan(std):
+        return f"{mean * scale:.{digits}f} (n=1)"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f} (n={n})"
+
+
+def fmt_diff(mean: float, lo: float, hi: float, digits: int = 3, scale: float = 1.0) -> str:
+    """``+0.012 [−0.004, +0.028]``; without an interval, the mean alone."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if lo is None or math.isnan(lo):
+        return f"{mean * scale:+.{digits}f}"
+    return f"{mean * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A GitHub markdown table (``|`` in cells escaped)."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def _unfinished_rows(df: pd.DataFrame, labels: dict[str, str]) -> tuple[list[list[Any]], int]:
+    """Table rows of the cells not DONE (every failed one, the first MAX_WAITING others), and how
+    many of the others were left out."""
+    order = {s: i for i, s in enumerate((*FAILED_STATES, CellState.RUNNING.value, CellState.PENDING.value))}
+    unfinished = df[df["state"] != CellState.DONE.value].sort_values(
+        ["state", "cell_id"], key=lambda c: c.map(order).fillna(-1) if c.name == "state" else c)
+    failed = unfinished[unfinished["state"].isin(FAILED_STATES)]
+    waiting = unfinished.drop(failed.index)
+    more = max(0, len(waiting) - MAX_WAITING)
+    rows = []
+    for _, r in pd.concat([failed, waiting.head(MAX_WAITING)]).iterrows():
+        err = r.get("error")
+        age = r.get("heartbeat_age_s")
+        if r["state"] == CellState.RUNNING.value and isinstance(age, float) and not math.isnan(age):
+            err = f"last heartbeat {age:.0f} s ago"
+        rows.append([r["cell_id"], r["state"], labels.get(r["config_id"], ""), r["train.seed"],
+                     err if isinstance(err, str) and err else "–"])
+    return rows, more
+
+
+def _states_section(df: pd.DataFrame, labels: dict[str, str]) -> list[str]:
+    """Cell counts by state, and the table of cells not DONE."""
+    counts = df["state"].value_counts()
+    parts = [f"{counts[s]} {s}" for s in STATES if s in counts]
+    other = [f"{v} {k}" for k, v in counts.items() if k not in STATES]
+    out = [f"**{len(df)} cells:** " + ", ".join(parts + other) + "."]
+    if (df["state"] == CellState.DONE.value).all():
+        out.append("\nEvery cell is DONE.")
+        return out
+    out.append("\n## Cells not done\n")
+    out.append("These cells have no result and are left out of every number below.\n")
+    rows, more = _unfinished_rows(df, labels)
+    out.append(markdown_table(rows, ["cell", "state", "configuration", "seed", "error"]))
+    if more:
+        out.append(f"\n… and {more} more cells RUNNING or PENDING (all in results.csv).")
+    return out
+
+
+def _only(table: pd.DataFrame, ds: str, model: str) -> Optional[pd.Series]:
+    """The row of ``table`` for one dataset/model, or None."""
+    if table.empty:
+        return None
+    here = table[(table["dataset.name"].astype(str) == ds) & (table["model.name"].astype(str) == model)]
+    return here.iloc[0] if len(here) else None
+
+
+def _best_config(proxy: pd.DataFrame, val: pd.Series, ds: str, model: str) -> Optional[str]:
+    """The proxy configuration of one dataset/model with the highest mean validation accuracy."""
+    here = proxy[(proxy["dataset.name"].astype(str) == ds) & (proxy["model.name"].astype(str) == model)]
+    return val[val.index.isin(here["config_id"])].idxmax() if not here.empty and len(val) else None
+
+
+def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[str, pd.DataFrame]:
+    """Thesis Table 8.1: per dataset × model, baseline vs proxy (all configurations; the best one)."""
+    by = ["dataset.name", "model.name"]
+    base = baseline_summary(df, by, metric)
+    pooled = grouped_paired(df, by, metric, level)
+    summary = paired_summary(df, metric, level).set_index("config_id", drop=False)
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    val = proxy.groupby("config_id")["val/acc_best"].mean() if "val/acc_best" in proxy else pd.Series()
+    keys = sorted(set(map(tuple, df.loc[df["state"] == "DONE", by].astype(str).values.tolist())))
+    nan2 = (math.nan, math.nan)
+    rows, fig_rows = [], []
+    for ds, model in keys:
+        bm, pm = _only(base, ds, model), _only(pooled, ds, model)
+        best = _best_config(proxy, val, ds, model)
+        bs = summary.loc[best] if best is not None and best in summary.index else None
+        rows.append([
+            ds, model,
+            fmt_mean(bm["mean"], bm["std"], bm["n"]) if bm is not None else "no baseline",
+            fmt_mean(pm.acc_mean, pm.acc_std, pm.cells) if pm is not None else "–",
+            fmt_diff(pm.diff_mean, pm.ci_lo, pm.ci_hi) if pm is not None else "–",
+            fmt_mean(bs.proxy_mean, bs.proxy_std, bs.seeds) if bs is not None else "–",
+            fmt_diff(bs.diff_mean, bs.ci_lo, bs.ci_hi) if bs is not None else "–",
+            "; ".join(x for x in ((f"all: {pm.note}" if pm is not None and pm.note else ""),
+                                  (f"best: {bs.note}" if bs is not None and bs.note else "")) if x),
+        ])
+        fig_rows.append({"dataset": ds, "model": model,
+                         "baseline": (bm["mean"], bm["std"]) if bm is not None else nan2,
+                         "proxy (all)": (pm.acc_mean, pm.acc_std) if pm is not None else nan2,
+                         "proxy (best)": (bs.proxy_mean, bs.proxy_std) if bs is not None else nan2})
+    table = markdown_table(rows, ["dataset", "model", "baseline", "proxy (all configs)",
+                                  "Δ all, per seed [95% CI]", "proxy (best by val acc)",
+                                  "Δ best [95% CI]", "note"])
+    return table, pd.DataFrame(fig_rows)
+
+
+def _table_by(df: pd.DataFrame, param: str, metric: str, level: float) -> str:
+    """Thesis Tables 8.2–8.4: proxy cells by one hyperparameter, per dataset × model."""
+    by = ["dataset.name", "model.name", param]
+    g = grouped_paired(df, by, metric, level)
+    if g.empty:
+        return "_No finished proxy cells._"
+    rows = [[r["dataset.name"], r["model.name"], r[param], fmt_mean(r.acc_mean, r.acc_std, r.cells),
+             fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi), r.paired_seeds, r.note]
+            for _, r in g.iterrows()]
+    if param == "proxy.schedule":  # the baselines are the schedules without p
+        b = baseline_summary(df, ["dataset.name", "model.name", "proxy.schedule"], metric)
+        rows += [[r["dataset.name"], r["model.name"], f"{r['proxy.schedule']} (baseline)",
+                  fmt_mean(r["mean"], r["std"], r["n"]), "", "", ""] for _, r in b.iterrows()]
+        rows.sort(key=lambda x: (str(x[0]), str(x[1]), str(x[2])))
+    return markdown_table(rows, ["dataset", "model", param.split(".")[-1], f"{metric} mean ± std",
+                                 "Δ vs baseline, per seed [95% CI]", "paired seeds", "note"])
+
+
+def _table_configs(df: pd.DataFrame, labels: dict[str, str], metric: str, level: float) -> str:
+    """Every proxy configuration beside its baseline over the same seeds."""
+    s = paired_summary(df, metric, level)
+    if s.empty:
+        return "_No finished proxy cells._"
+    s = s.assign(label=[labels.get(c, c) for c in s["config_id"]]).sort_values("label")
+    rows = [[r.label, fmt_mean(r.proxy_mean, r.proxy_std, r.seeds),
+             fmt_mean(r.baseline_mean, r.baseline_std, r.paired), fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi),
+             "–" if math.isnan(r.diff_std) else f"{r.diff_std:.3f}", r.note or "ok"]
+            for r in s.itertuples()]
+    return markdown_table(rows, ["configuration", "proxy", "baseline (same seeds)", "Δ [95% CI]",
+                                 "Δ std", "note"])
+
+
+def _explain_cells(s: Optional[pd.Series]) -> list[str]:
+    """The two cells of one explainability metric: baseline → proxy means, and the paired Δ."""
+    if s is None or s["paired"] == 0:
+        return ["–", "–"]
+    diff = fmt_diff(s.diff_mean, s.ci_lo, s.ci_hi, digits=3)
+    return [f"{s.baseline_mean:.3g} → {s.proxy_mean:.3g}",
+            diff + (" (contains 0)" if s.paired >= 2 and s.contains_zero else "")]
+
+
+def _table_explain(df: pd.DataFrame, labels: dict[str, str], level: float) -> Optional[str]:
+    """Per proxy configuration, each explainability metric, baseline → proxy and the paired Δ."""
+    metrics = [m for m in EXPLAIN_METRICS if m in df.columns and df[m].notna().any()]
+    if not metrics:
+        return None
+    header = ["configuration"]
+    for m in metrics:
+        arrow = "↑" if METRIC_DIRECTIONS[m] else "↓"
+        header += [f"{m.split('/')[1]} {arrow} baseline → proxy", "Δ [95% CI]"]
+    summaries = {m: paired_summary(df, m, level).set_index("config_id") for m in metrics}
+    config_ids = sorted(summaries[metrics[0]].index, key=lambda c: labels.get(c, c))
+    rows = []
+    notes = set()
+    for c in config_ids:
+        row = [labels.get(c, c)]
+        for m in metrics:
+            s = summaries[m].loc[c] if c in summaries[m].index else None
+            row += _explain_cells(s)
+            note = notes_for(None, int(s.no_baseline), int(s.paired)) if s is not None and s["paired"] else ""
+            if note:
+                notes.add(f"{labels.get(c, c)}: {note}")
+        rows.append(row)
+    text = markdown_table(rows, header)
+    if notes:
+        text += "\n\nCaveats: " + " · ".join(sorted(notes))
+    return text
+
+
+def _explain_method_notes(df: pd.DataFrame) -> list[str]:
+    """A caveat where proxy cells were judged with the CAM method they were trained with."""
+    if "explain.method" not in df.columns:
+        return []
+    same = df[(df["role"] == "proxy") & (df["explain.method"] == df["method.name"])]
+    if same.empty:
+        return []
+    return [f"- {len(same)} proxy cell(s) were judged with their own training method "
+            f"({', '.join(sorted(same['method.name'].unique()))}); their explainability numbers favour "
+            "the proxy model (set explain.method to another method)."]
+
+
+def _device_notes(df: pd.DataFrame) -> list[str]:
+    """Caveats where cells of one dataset × model table ran on different device types, and where a proxy
+    cell and its baseline trained with different batch sizes (not the same training, so not a pair)."""
+    done = df[df["state"] == "DONE"]
+    if done.empty or "device.type" not in done.columns:
+        return []
+    notes = []
+    for (ds, model), group in done.groupby(["dataset.name", "model.name"], sort=True):
+        counts = group["device.type"].dropna().value_counts()
+        if len(counts) > 1:
+            mix = ", ".join(f"{n} on {kind}" for kind, n in counts.sort_index().items())
+            notes.append(f"- {ds} / {model}: cells ran on different device types ({mix}); timings, and "
+                         "through the precision used, accuracies are not strictly comparable.")
+    sizes = done.set_index("cell_id")["device.batch_size"]
+    proxies = done[(done["role"] == "proxy") & done["baseline_id"].isin(sizes.index)]
+    differ = [(r.cell_id, r.baseline_id, sizes[r.cell_id], sizes[r.baseline_id]) for r in proxies.itertuples()
+              if pd.notna(sizes[r.cell_id]) and pd.notna(sizes[r.baseline_id])
+              and sizes[r.cell_id] != sizes[r.baseline_id]]
+    for cid, bid, a, b in differ:
+        notes.append(f"- proxy cell {cid} trained with batch size {int(a)}, its baseline {bid} with {int(b)}: "
+                     "the pair's difference mixes in the batch size (set train.batch_size to a number).")
+    return notes
+
+
+# -------------------------------------------------------------------------------------------- build
+
+def _tb_section(df: pd.DataFrame, limit: int) -> list[str]:
+    """The TensorBoard check of the first ``limit`` DONE cells (-1: all)."""
+    done = df[(df["state"] == "DONE") & df["tb_dir"].notna()].sort_values("cell_id") \
+        if "tb_dir" in df else df.iloc[0:0]
+    if limit >= 0:
+        done = done.head(limit)
+    if done.empty:
+        return ["- TensorBoard: no finished cell with a tb/ folder to check."]
+    bad = {}
+    for r in done.itertuples():
+        problems = check_tensorboard(r.dir)
+        if problems:
+            bad[r.cell_id] = problems
+    total = int(((df["state"] == "DONE") & df["tb_dir"].notna()).sum())
+    head = f"- TensorBoard scalars (read with EventAccumulator) checked against result.json for " \
+           f"{len(done)} of {total} finished cells: "
+    if not bad:
+        return [head + "all agree."]
+    lines = [head + f"**{len(bad)} disagree**:"]
+    for cid, problems in bad.items():
+        lines.append(f"  - {cid}: " + "; ".join(problems[:3]) + (" …" if len(problems) > 3 else ""))
+    return lines
+
+
+def _figures_section(df: pd.DataFrame, labels: dict[str, str], bar_rows: pd.DataFrame, metric: str,
+                     out: Path) -> list[str]:
+    """Draw the figures into ``out/figures``; returns the markdown that shows them."""
+    md, figs = [], []
+    if figure_bars(bar_rows, out / "figures" / BAR_FIGURE, metric):
+        figs.append((BAR_FIGURE, "proxy vs baseline per dataset/model"))
+    name = f"{metric.replace('/', '_')}_vs_hyperparameters.png"
+    drawn = figure_hyperparameters(df, HYPERPARAMETERS, out / "figures" / name, metric)
+    if drawn:
+        figs.append((name, f"{metric} against {', '.join(drawn)}"))
+    pairs = sorted(set(map(tuple, df.loc[df["state"] == "DONE", ["dataset.name", "model.name"]]
+                           .astype(str).values.tolist())))
+    if figure_curves(df, pairs, labels, out / "figures" / "learning_curves.png"):
+        figs.append(("learning_curves.png", "validation accuracy per epoch"))
+        if len(pairs) > MAX_PANELS:
+            md += ["", f"_Learning curves show the first {MAX_PANELS} of {len(pairs)} dataset/model pairs._"]
+    return md + ["", "## Figures", ""] + [f"![{alt}](figures/{name})" for name, alt in figs]
+
+
+def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfig, out: Path) -> list[str]:
+    """The tables of ``rc.metric`` (by dataset and model, by each hyperparameter, every configuration),
+    the explainability table and the figures."""
+    metric = rc.metric
+    if metric not in df.columns:
+        return ["", f"_No finished cell has `{metric}` yet._"]
+    table, bar_rows = _table_dataset_model(df, metric, rc.level)
+    md = ["", "## Test accuracy by dataset and model", "",
+          "\"all configs\" pools every proxy configuration (Δ averaged per seed first); \"best\" is the "
+          "configuration with the highest mean validation accuracy (chosen without the test set).", "",
+          table]
+    for param in ("proxy.schedule", *HYPERPARAMETERS):
+        md += ["", f"## By {param.split('.')[-1]}", "", _table_by(df, param, metric, rc.level)]
+    md += ["", "## Every proxy configuration, paired with its baseline", "",
+           _table_configs(df, labels, metric, rc.level)]
+    explain = _table_explain(df, labels, rc.level)
+    if explain:
+        md += ["", "## Explainability (test images)", "",
+               "Per configuration: baseline → proxy means and the paired Δ [95% CI]. AD: Average Drop "
+               "(lower is better), AI: Average Increase, AG: Average Gain, insertion (higher) and "
+               "deletion (lower) areas, pointing: share of CAM energy inside the object mask (higher). "
+               "Maps from each cell's `explain.method`.", "", explain]
+    return md + _figures_section(df, labels, bar_rows, metric, out)
+
+
+def _maps_section(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfig, out: Path) -> list[str]:
+    """Draw up to ``rc.maps`` attention-map grids into ``out/maps``; returns the markdown that shows them."""
+    pairs = map_pairs(df, rc.maps) if rc.maps > 0 else []
+    if not pairs:
+        return []
+    (out / "maps").mkdir(exist_ok=True)
+    md = ["", "## Attention maps", "",
+          "The same test images for a proxy model and its baseline (same seed). Captions: predicted "
+          "class and its probability (x: wrong). Maps explain the true class.", ""]
+    for prow, brow in pairs:
+        name = f"maps/{prow['cell_id']}.png"
+        try:
+            method = attention_grid(prow, brow, out / name, images=rc.images, method=rc.method,
+                                    device=rc.device)
+        except Exception as e:  # a broken checkpoint must not sink the whole report
+            log.warning("attention map of %s failed: %s", prow["cell_id"], e)
+            md.append(f"- {labels.get(prow['config_id'])}, seed {prow['train.seed']}: "
+                      f"attention map failed ({type(e).__name__}: {e})")
+            continue
+        note = "" if method == rc.method else f" ({rc.method} trained this model; judged with {method})"
+        md += [f"**{labels.get(prow['config_id'])}**, seed {prow['train.seed']} — {method}{note}", "",
+               f"![attention maps]({name})", ""]
+    return md
+
+
+def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Path:
+    """Write the report folder of a sweep; returns the path of ``report.md``."""
+    rc = rc or ReportConfig()
+    sweep = Path(sweep_dir)
+    out = Path(rc.out) if rc.out else sweep / "report"
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    df = load_results(sweep)
+    results_csv_frame(df).to_csv(out / "results.csv", index=False)
+    md = [f"# Proxy Attention report — `{sweep}`", ""]
+    if df.empty:
+        md.append("No cells yet (no cells/*/config.yaml).")
+        (out / "report.md").write_text("\n".join(md) + "\n")
+        return out / "report.md"
+    labels = config_labels(df)
+    md += _states_section(df, labels)
+    problems = df[df["problem"].astype(bool)] if "problem" in df else df.iloc[0:0]
+    if not problems.empty:
+        md += ["", "## Problems", ""] + [f"- {r.cell_id}: {r.problem}" for r in problems.itertuples()]
+    md += ["", f"Numbers are `{rc.metric}` on each cell's held-out test split, as mean ± std (n = cells or "
+               f"seeds). **Δ** is proxy − baseline of the *same seed* (same split, initial weights, data "
+               f"order and epochs), with a {rc.level:.0%} Student-t interval over seeds. Notes flag a "
+               f"missing baseline, fewer than {MIN_SEEDS} seeds, and intervals that contain 0 (no "
+               f"evidence of a difference)."]
+    md += _accuracy_sections(df, labels, rc, out)
+    md += _maps_section(df, labels, rc, out)
+    md += ["", "## Checks", ""] + _tb_section(df, rc.tb_check) + _explain_method_notes(df) + _device_notes(df)
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out / "report.md"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line: ``SWEEP_DIR [report.KEY=VALUE ...]``; prints where the report went."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if args else 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sweep = Path(args[0])
+    rc = parse_overrides(args[1:])
+    try:
+        path = build_report(sweep, rc)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = path.parent
+    df = pd.read_csv(out / "results.csv", usecols=["state"]) if (out / "results.csv").stat().st_size else None
+    counts = df["state"].value_counts().to_dict() if df is not None else {}
+    print(f"report: {path}\ntable:  {out / 'results.csv'}\nfigures: {out / 'figures'}"
+          + (f"\nmaps:   {out / 'maps'}" if (out / "maps").is_dir() else "")
+          + "\ncells:  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0

@@ -1,0 +1,316 @@
+"""A sweep folder as one pandas table: one row per cell, finished or not.
+
+``load_results(SWEEP_DIR)`` reads every ``cells/*/config.yaml`` with the cell's ``status.json`` /
+``result.json`` / ``error.json`` into one row per cell: every config key flattened
+(``proxy.threshold``), every final metric (``test/acc``, ``explain/ad``), ``state``, paths, and the id of
+the paired baseline (``baseline_id``: :func:`proxyattention.identity.baseline_of` → ``cell_id``).
+TensorBoard scalars are read here too, to check them against ``result.json``. Nothing here imports
+torch; only the TensorBoard readers import tensorboard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from proxyattention import identity
+from proxyattention.cellstate import STATUS, CellState, error_headline
+from proxyattention.config import GROUP_SCHEMAS
+from proxyattention.fileio import CHECKPOINT, CONFIG, ERROR, RESULT, TB_DIR, read_json
+
+PROXY_PARAMS = ("proxy.schedule", "proxy.threshold", "proxy.weight", "proxy.subset", "proxy.mode",
+                "proxy.target", "proxy.clear_every_step", "method.name")
+# Metric → True when higher is better (the explainability metrics' directions are in explain.py).
+METRIC_DIRECTIONS = {"test/acc": True, "val/acc_best": True, "explain/ad": False, "explain/ai": True,
+                     "explain/ag": True, "explain/insertion": True, "explain/deletion": False,
+                     "explain/pointing": True}
+EXPLAIN_METRICS = ("explain/ad", "explain/ai", "explain/ag", "explain/insertion", "explain/deletion",
+                   "explain/pointing")
+MIN_SEEDS = 3
+
+# A line naming a raised exception: ``ValueError: …``, ``torch.OutOfMemoryError: …``, ``KeyboardInterrupt``.
+
+try:
+    _YAML_LOADER: Any = yaml.CSafeLoader
+except AttributeError:  # PyYAML built without libyaml
+    _YAML_LOADER = yaml.SafeLoader
+
+
+class ResultsError(RuntimeError):
+    """A sweep folder that cannot be read; the message names the path."""
+
+
+def ids_for(full: dict[str, dict[str, Any]]) -> tuple[str, str, Optional[str]]:
+    """(cell id, configuration id (the cell id without the seed), paired baseline id or None)."""
+    return identity.ids(full)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _plans(sweep: Path) -> dict[str, dict]:
+    """Cell id → its record in the launcher's ``plans/*.json`` (overrides, role), where there are plans."""
+    out: dict[str, dict] = {}
+    plan_dir = sweep / "plans"
+    if not plan_dir.is_dir():
+        return out
+    for path in sorted(plan_dir.glob("*.json")):
+        for c in (read_json(path) or {}).get("cells", []):
+            if isinstance(c, dict) and "id" in c:
+                out.setdefault(c["id"], c)
+    return out
+
+
+def _state(status: Optional[dict], done: bool, error: Optional[dict]) -> str:
+    """The cell's state: its ``status.json``'s, else what its result or error files say."""
+    if status is not None:
+        return str(status.get("state", CellState.PENDING.value))
+    if done:
+        return CellState.DONE.value  # a cell run by hand (python -m proxyattention.cell), no launcher status
+    if error is not None:
+        return CellState.FAILED.value
+    return CellState.PENDING.value
+
+
+def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
+    """The columns a finished ``result.json`` gives: metrics, ``timing/*``, run and data facts."""
+    row: dict[str, Any] = dict(result.get("metrics") or {})
+    row.update({f"timing/{k}": v for k, v in (result.get("timing") or {}).items()})
+    run = result.get("run") or {}
+    row["run.target_layer"] = run.get("target_layer")
+    row["run.epochs"] = run.get("epochs")
+    row["run.device"] = run.get("device")
+    device = result.get("device") or {}  # older results: only run.device and run.batch_size
+    row["device.type"] = device.get("type") or str(run.get("device") or "").split(":")[0] or None
+    row["device.name"] = device.get("name")
+    row["device.precision"] = device.get("precision")
+    row["device.batch_size"] = device.get("batch_size", run.get("batch_size"))
+    row["data.split"] = (result.get("data") or {}).get("split")
+    row["result_path"] = str(cell / RESULT)
+    return row
+
+
+def _cell_row(cell: Path, now: float) -> dict[str, Any]:
+    """The state, error, result and path columns of one cell folder."""
+    status = read_json(cell / STATUS)
+    result = read_json(cell / RESULT)
+    error = read_json(cell / ERROR)
+    done = result is not None and result.get("status") == "done"
+    state = _state(status, done, error)
+    row: dict[str, Any] = {"state": state, "dir": str(cell)}
+    if status is not None:
+        row["attempts"] = status.get("attempts")
+        row["duration_s"] = status.get("duration_s")
+        hb = status.get("heartbeat")
+        row["heartbeat_age_s"] = (now - hb) if (state == CellState.RUNNING.value and hb) else np.nan
+        if status.get("error"):
+            row["error"] = error_headline(status.get("error"))
+    if "error" not in row and error is not None and state != CellState.DONE.value:
+        row["error"] = error_headline(f"{error.get('type', 'Error')}: {error.get('error', '')}")
+    row["problem"] = ("status DONE but result.json is missing or unfinished"
+                      if state == CellState.DONE.value and not done else "")
+    if done:
+        row.update(_result_columns(cell, result))
+    row["tb_dir"] = str(cell / TB_DIR) if (cell / TB_DIR).is_dir() else None
+    row["checkpoint"] = str(cell / CHECKPOINT) if (cell / CHECKPOINT).is_file() else None
+    return row
+
+
+def _snapshot(cfg_path: Path) -> dict:
+    """The config groups of a cell's ``config.yaml``."""
+    try:
+        with open(cfg_path, "rb") as f:
+            snapshot = yaml.load(f, Loader=_YAML_LOADER) or {}
+    except yaml.YAMLError as e:
+        raise ResultsError(f"{cfg_path} is not valid YAML ({e}); fix or remove that cell folder") from None
+    return {k: v for k, v in snapshot.items() if k in GROUP_SCHEMAS}
+
+
+def _add_problem(row: dict[str, Any], problem: str) -> None:
+    row["problem"] = (row["problem"] + "; " if row["problem"] else "") + problem
+
+
+def _add_identity(row: dict[str, Any], full: dict, ids: tuple[str, str, Optional[str]],
+                  plan: Optional[dict]) -> None:
+    """Ids, role and every config key (``group.key``) of one row; a mismatch is noted as a problem."""
+    cid, config_id, base = ids
+    if cid != row["cell_id"]:
+        _add_problem(row, f"folder name differs from the config's cell id {cid}")
+    planned = (plan or {}).get("baseline")
+    if planned and base and planned != base:
+        _add_problem(row, f"the launcher paired it with {planned}, baseline_of gives {base}")
+    row["config_id"] = config_id
+    row["role"] = "baseline" if base is None else "proxy"
+    row["baseline_id"] = base
+    for group, sect in full.items():
+        for k, v in sect.items():
+            if k != "cache_dir":
+                row[f"{group}.{k}"] = v
+
+
+def load_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per cell of ``SWEEP_DIR/cells/*`` (any folder holding ``config.yaml``), finished or not.
+
+    Columns: ``cell_id`` (the folder name), ``state`` (PENDING … CANCELLED), ``role`` (proxy/baseline),
+    ``config_id`` (the configuration without its seed: the seeds of one configuration share it),
+    ``baseline_id`` and ``baseline_state`` (proxy cells), every config key as ``group.key``, every metric
+    of ``result.json`` (``test/acc``, ``explain/ad``, …), ``timing/*``, ``error``, ``problem``,
+    ``overrides`` (from the launcher's plans) and paths (``dir``, ``result_path``, ``tb_dir``,
+    ``checkpoint``).
+    """
+    sweep = Path(sweep_dir)
+    root = sweep / "cells"
+    if not root.is_dir():
+        raise ResultsError(f"{sweep} has no cells/ folder; pass the sweep folder (the one holding cells/)")
+    now = time.time()
+    plans = _plans(sweep)
+    snapshots, rows = [], []
+    for name in sorted(os.listdir(root)):
+        cell = root / name
+        if not (cell / CONFIG).is_file():
+            continue
+        snapshots.append(_snapshot(cell / CONFIG))
+        row = {"cell_id": name, **_cell_row(cell, now)}
+        plan = plans.get(name)
+        row["overrides"] = " ".join(plan.get("overrides", [])) if plan else ""
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=["cell_id", "state", "role", "config_id", "baseline_id", "dir"])
+    fulls = [identity.complete(s) for s in snapshots]
+    ids = [identity.ids(f) for f in fulls]
+    for row, full, cell_ids in zip(rows, fulls, ids):
+        _add_identity(row, full, cell_ids, plans.get(row["cell_id"]))
+    df = pd.DataFrame(rows)
+    # Pair by the config's id; folders are normally named by it (the launcher does).
+    by_id = {cid: state for (cid, _, _), state in zip(ids, df["state"])}
+    df["baseline_state"] = [by_id.get(b, "MISSING") if isinstance(b, str) else None
+                            for b in df["baseline_id"]]
+    df["_key"] = [i[0] for i in ids]
+    return df
+
+
+def results_csv_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as written to ``results.csv``: identity and state first, then config, metrics, paths."""
+    if df.empty:
+        return df
+    first = ["cell_id", "state", "role", "config_id", "baseline_id", "baseline_state"]
+    cfg_cols = sorted(c for c in df.columns if "." in c and c.split(".")[0] in GROUP_SCHEMAS)
+    metric_cols = sorted(c for c in df.columns if "/" in c and not c.startswith("timing/"))
+    timing = sorted(c for c in df.columns if c.startswith("timing/"))
+    tail = ["attempts", "duration_s", "error", "problem", "overrides", "run.target_layer", "run.epochs",
+            "run.device", "data.split", "dir", "result_path", "tb_dir", "checkpoint"]
+    ordered = [c for c in first + cfg_cols + metric_cols + timing + tail if c in df.columns]
+    rest = [c for c in df.columns if c not in ordered and not c.startswith("_")]
+    return df[ordered + rest]
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+def varying_keys(rows: pd.DataFrame, prefixes: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Config keys (``group.key``) whose values differ between ``rows``, seed excluded.
+
+    A key whose values split the rows exactly as an earlier key does (``dataset.source`` beside
+    ``dataset.name``) adds nothing to a label and is left out.
+    """
+    keys, partitions = [], set()
+    for col in sorted(rows.columns):
+        if "." not in col or col == "train.seed" or col.split(".")[0] not in GROUP_SCHEMAS:
+            continue
+        if prefixes is not None and not col.startswith(prefixes):
+            continue
+        codes = tuple(pd.factorize(rows[col].astype(str))[0])
+        if max(codes, default=0) < 1 or codes in partitions:
+            continue
+        partitions.add(codes)
+        keys.append(col)
+    return keys
+
+
+def config_labels(df: pd.DataFrame) -> dict[str, str]:
+    """config_id → a short label of the keys that vary across the sweep (``proxy.threshold=0.4 …``).
+
+    Shared keys (dataset, model, train) vary across all cells; proxy and method keys across the proxy
+    cells. Baselines read ``baseline`` plus their shared keys.
+    """
+    shared_groups = tuple(f"{g}." for g in GROUP_SCHEMAS if g not in ("proxy", "method"))
+    shared = varying_keys(df, shared_groups)
+    proxy_rows = df[df["role"] == "proxy"]
+    own = [k for k in varying_keys(proxy_rows, ("proxy.", "method.")) if k != "proxy.enabled"]
+    labels = {}
+    for config_id, g in df.groupby("config_id", sort=False):
+        r = g.iloc[0]
+        parts = [f"{k[:-5] if k in ('dataset.name', 'model.name') else k}={r[k]}" for k in shared]
+        if r["role"] == "baseline":
+            labels[config_id] = " ".join(["baseline", *parts])
+        else:
+            labels[config_id] = " ".join(parts + [f"{k}={r[k]}" for k in own]) or "proxy"
+    return labels
+
+
+# ------------------------------------------------------------------------------------- TensorBoard
+
+def read_scalars(tb_dir: str | Path) -> pd.DataFrame:
+    """Every scalar in a TensorBoard folder (not its sub-folders) as rows (tag, step, value).
+
+    Read with tensorboard's EventAccumulator; where a step was logged twice (a resumed trial), the last
+    value counts.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={SCALARS: 0})
+    acc.Reload()
+    rows = [(tag, ev.step, ev.value) for tag in acc.Tags().get("scalars", []) for ev in acc.Scalars(tag)]
+    df = pd.DataFrame(rows, columns=["tag", "step", "value"])
+    return df.drop_duplicates(["tag", "step"], keep="last").reset_index(drop=True)
+
+
+def _same(a: float, b: float, rel_tol: float) -> bool:
+    """Equal up to ``rel_tol`` (TensorBoard stores float32), NaN equal to NaN."""
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b))
+
+
+def check_tensorboard(cell_dir: str | Path, rel_tol: float = 1e-5) -> list[str]:
+    """Disagreements between a DONE cell's TensorBoard scalars and its ``result.json`` ([] = agree).
+
+    Checks every per-epoch value of ``history`` and every final metric TensorBoard holds at the last
+    epoch (``test/*``, ``explain/*``).
+    """
+    cell = Path(cell_dir)
+    result = read_json(cell / RESULT)
+    if result is None:
+        return [f"{cell}: no result.json"]
+    if not (cell / TB_DIR).is_dir():
+        return [f"{cell}: no tb/ folder"]
+    tb = read_scalars(cell / TB_DIR)
+    values = {(t, int(s)): v for t, s, v in tb.itertuples(index=False)}
+    problems = []
+    for h in result.get("history", []):
+        for key, v in h.items():
+            if key == "epoch":
+                continue
+            got = values.get((key, int(h["epoch"])))
+            if got is None:
+                problems.append(f"{key} at epoch {h['epoch']}: missing in TensorBoard")
+            elif not _same(float(got), float(v), rel_tol):
+                problems.append(f"{key} at epoch {h['epoch']}: TensorBoard {got} vs result.json {v}")
+    last = max((int(h["epoch"]) for h in result.get("history", [])), default=0)
+    metrics = result.get("metrics") or {}
+    for key, v in metrics.items():
+        if not key.startswith(("test/", "explain/")):  # the others are totals or per-epoch in TensorBoard
+            continue
+        got = values.get((key, last))
+        if got is not None and not _same(float(got), float(v), rel_tol):
+            problems.append(f"{key}: TensorBoard {got} vs result.json {v}")
+    for key in ("test/acc", "test/loss"):
+        if key in metrics and (key, last) not in values:
+            problems.append(f"{key}: missing in TensorBoard")
+    return problems
