@@ -15,14 +15,19 @@ about 1.2 forward passes, the library about 3. Where the time goes:
   native time saved at this size; the maps are unchanged).
 
 The post-processing reproduces the library step by step: ReLU, per-image min-max (``x - min`` divided
-by ``1e-7 + max``), bilinear resize to the input (cv2's ``INTER_LINEAR`` for upsampling is
+by the max, where the library divides by ``1e-7 + max``), bilinear resize to the input (cv2's ``INTER_LINEAR`` for upsampling is
 ``F.interpolate(..., align_corners=False)``), ReLU, min-max again. A map that is constant for an image
 therefore comes out as all zeros for that image.
 
-Eigen methods (eigencam, eigengradcam) project on the first right singular vector, whose sign LAPACK
-leaves arbitrary: MKL (torch) and OpenBLAS (numpy) pick different signs for the same matrix, and without
-a sign rule the map's meaning flips. To give the library's maps, the small per-image SVD runs in numpy
-like the library's (a host sync point on GPU; the matrices are (h*w, C), tiny next to the model).
+Eigen methods (eigencam, eigengradcam) project on the first right singular vector, whose sign is a
+LAPACK artefact: MKL (torch) and OpenBLAS (numpy) pick different signs for the same matrix, so the
+library's map and its opposite are equally likely, and on a trained model an EigenGradCAM map is
+anti-correlated with GradCAM's on about a third of the images. The native path gives the projection a
+meaningful sign: the one whose map correlates non-negatively with the channel sum of what was
+decomposed — the activations for EigenCAM, the gradient-weighted activations (HiResCAM's map) for
+EigenGradCAM — so the map points where the class evidence is. Up to that sign it is the library's map
+(a test checks both); ``method.impl=library`` keeps the library's sign. The SVD runs batched in torch on
+the maps' device (no host sync). SegEigenCAM keeps the library's own sign rule and numpy SVD.
 """
 
 from __future__ import annotations
@@ -100,12 +105,25 @@ def _projection(x: torch.Tensor, sign_correct: bool = False) -> torch.Tensor:
     return torch.from_numpy(proj.reshape(n, h, w)).to(x.device)
 
 
+def oriented_projection(x: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) -> (n, h, w): the projection on the first principal component, signed so that it
+    correlates non-negatively with the channel sum of ``x`` (see the module doc)."""
+    n, c, h, w = x.shape
+    arr = torch.nan_to_num(x.detach().float()).reshape(n, c, h * w).transpose(1, 2)  # (n, positions, C)
+    centred = arr - arr.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    proj = torch.einsum("npc,nc->np", centred, vh[:, 0, :])
+    reference = arr.sum(dim=2)
+    agreement = (proj * (reference - reference.mean(dim=1, keepdim=True))).sum(dim=1)
+    return (proj * torch.where(agreement < 0, -1.0, 1.0)[:, None]).reshape(n, h, w)
+
+
 def _eigencam(a: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
-    return _projection(a)
+    return oriented_projection(a)
 
 
 def _eigengradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return _projection(g * a)
+    return oriented_projection(g * a)
 
 
 def _segeigencam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -127,9 +145,15 @@ assert set(NATIVE_CAM_METHODS) <= set(_NATIVE), "NATIVE_CAM_METHODS names a meth
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
-    lo = x.amin(dim=(1, 2), keepdim=True)
-    x = x - lo
-    return x / (EPS_NORM + x.amax(dim=(1, 2), keepdim=True))
+    """Per-image min-max to [0, 1], the maximum exactly 1; a constant map becomes all zeros.
+
+    The library divides by ``1e-7 + max`` (its maximum is 0.99999988); dividing by the maximum itself
+    lets ``proxy.threshold=1.0`` select the most attended pixels. The maps differ from the library's by
+    at most 1e-7 relative.
+    """
+    x = x - x.amin(dim=(1, 2), keepdim=True)
+    peak = x.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > EPS_NORM, x / peak.clamp_min(EPS_NORM), torch.zeros_like(x))
 
 
 def to_input_size(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -380,7 +404,7 @@ def explain_batch(model: nn.Module, images: torch.Tensor, targets: Optional[torc
         return Explained(to_input_size(maps, tuple(images.shape[-2:])), predicted, False)
     predicted = _predicted(model, images, batch_size) if targets is None or with_predicted else None
     maps = _library_cams(model, images, predicted if targets is None else targets, method, target, batch_size)
-    return Explained(maps, predicted, False)
+    return Explained(_minmax(maps.clamp_min(0)), predicted, False)  # the maximum exactly 1, as native maps
 
 
 def _predicted(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ Cell identity lives in :mod:`proxyattention.identity`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from proxyattention.data.registry import SOURCES
 from proxyattention.schedule import ScheduleError, parse_schedule
+
+log = logging.getLogger(__name__)
 
 # Every CAM method of pytorch-grad-cam, by the name used in `method=...`.
 CAM_METHODS: tuple[str, ...] = (
@@ -29,7 +32,11 @@ NATIVE_CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "eigengradcam", "
                                        "layercam", "gradcamelementwise", "eigencam", "segeigencam")
 CAM_IMPLS = ("auto", "native", "library")
 PROXY_MODES = ("blend", "mean", "max", "min", "black", "white")
-PROXY_TARGETS = ("predicted", "mistake", "true")
+PROXY_TARGETS = ("mistake", "predicted", "true")
+EXPLAIN_TARGETS = ("predicted", "true")
+EXPLAIN_FILLS = ("black", "mean")
+# Keys that left the schema: dropped (with a warning) from older snapshots so their cells still run.
+RETIRED_KEYS = {"train.lr": "it had no effect: OneCycleLR starts at train.max_lr / 25"}
 DATASET_SOURCES = tuple(SOURCES)
 # Set by GPU launcher profiles: a cell must train on a GPU, never fall back to the CPU.
 REQUIRE_GPU_ENV = "PROXYATTENTION_REQUIRE_GPU"
@@ -84,8 +91,9 @@ class ProxyConfig:
     weight: float = 0.8
     subset: float = 1.0
     mode: str = "blend"
-    target: str = "predicted"
+    target: str = "mistake"  # the class the CAM explains: mistake | predicted | true (README: the proxy step)
     clear_every_step: bool = True
+    p_trains: bool = False  # true: each `p` is a training epoch followed by the step (the thesis's count)
     log_images: int = 8  # originals and proxies shown side by side in TensorBoard per step
     dump: bool = False  # also save every proxy image as PNG in the trial folder
 
@@ -94,8 +102,7 @@ class ProxyConfig:
 class TrainConfig:
     seed: int = 0
     batch_size: Any = None  # null: the model's batch size; an integer; or "auto" (largest that fits)
-    lr: float = 1e-3
-    max_lr: float = 2e-3
+    max_lr: float = 2e-3  # OneCycleLR's peak; it starts at max_lr / 25
     weight_decay: float = 1e-5
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
     channels_last: Any = "auto"  # NHWC memory layout: auto = on CUDA, off on the CPU; or true/false
@@ -116,6 +123,8 @@ class ExplainConfig:
     images: int = 128  # a seeded subset of the test split (the same for a cell and its baseline); 0 = all
     steps: int = 20  # insertion / deletion steps
     batch_size: int = 128
+    target: str = "predicted"  # the class explained and scored: predicted (Grad-CAM++, RISE) | true
+    fill: str = "black"  # what masked pixels become: black (in pixel space) | mean (pytorch-grad-cam)
 
 
 @dataclass
@@ -168,6 +177,8 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
     _in_range("proxy.subset", c.proxy.subset, 0.0, 1.0, lo_open=True)
     _choice("proxy.mode", c.proxy.mode, PROXY_MODES)
     _choice("proxy.target", c.proxy.target, PROXY_TARGETS)
+    _choice("explain.target", c.explain.target, EXPLAIN_TARGETS)
+    _choice("explain.fill", c.explain.fill, EXPLAIN_FILLS)
     _choice("method.name", c.method.name, CAM_METHODS)
     _choice("method.impl", c.method.impl, CAM_IMPLS)
     if c.method.impl == "native" and c.method.name not in NATIVE_CAM_METHODS:
@@ -201,9 +212,8 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
                           "off on the CPU), true or false")
     if c.model.batch_size <= 0:
         raise ConfigError(f"model.batch_size={c.model.batch_size} must be a positive integer")
-    for key in ("lr", "max_lr"):
-        if not c.train[key] > 0:
-            raise ConfigError(f"train.{key}={c.train[key]} must be > 0")
+    if not c.train.max_lr > 0:
+        raise ConfigError(f"train.max_lr={c.train.max_lr} must be > 0")
     _choice("explain.method", c.explain.method, CAM_METHODS)
     _choice("explain.impl", c.explain.impl, CAM_IMPLS)
     for key, lo in (("images", 0), ("steps", 1), ("batch_size", 1)):
@@ -222,6 +232,14 @@ def to_trial_config(cfg: DictConfig | dict) -> DictConfig:
     """
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     plain = {k: v for k, v in plain.items() if k in GROUP_SCHEMAS}
+    for group in ("proxy", "explain"):  # `target=true` on a command line arrives as a YAML boolean
+        if isinstance(plain.get(group), dict) and plain[group].get("target") in (True, "True"):
+            plain[group] = {**plain[group], "target": "true"}
+    for key, why in RETIRED_KEYS.items():
+        group, name = key.split(".")
+        if isinstance(plain.get(group), dict) and name in plain[group]:
+            plain[group] = {k: v for k, v in plain[group].items() if k != name}
+            log.warning("ignoring %s from an older config: %s", key, why)
     schema = OmegaConf.structured(TrialConfig)
     merged = OmegaConf.merge(schema, plain)
     validate(merged)

@@ -1,21 +1,24 @@
 """Explainability metrics: how well a saliency map explains a classifier's decision, as numbers.
 
-Definitions (p = softmax probability of the true class on the image, o = on the image multiplied by its
-saliency map S, which is (H, W) in [0, 1] at input resolution):
+Definitions (c = the explained class: by default the class the model predicts for the clean image, as
+Grad-CAM++ and RISE score it, ``explain.target=true`` for the true label; p = softmax probability of c on
+the image, o = on the image multiplied by its saliency map S, (H, W) in [0, 1] at input resolution):
 
 - Average Drop ``AD = mean(max(p - o, 0) / p) * 100`` and Average Increase ``AI = mean(1[p < o]) * 100``
   (Grad-CAM++, Chattopadhyay et al. 2018). Lower AD, higher AI is better.
 - Average Gain ``AG = mean(max(o - p, 0) / (1 - p)) * 100`` (Opti-CAM, Zhang et al. 2024). Higher is better.
 - Insertion / Deletion (RISE, Petsiuk et al. 2018): the area under p as the pixels are, in order of
-  decreasing saliency, copied into a blurred copy of the image (insertion, higher is better) or set to
-  zero (deletion, lower is better), over ``steps`` equal steps; the area uses the trapezoid rule on [0, 1].
+  decreasing saliency, copied into a blurred copy of the image (insertion, higher is better) or removed
+  (deletion, lower is better), over ``steps`` equal steps; the area uses the trapezoid rule on [0, 1].
 - Energy pointing game (Score-CAM, Wang et al. 2020): the share of the map's mass inside the object's
   ground-truth mask. Higher is better; 1 is all attention on the object.
 
-All perturbations happen in pixel space (images in [0, 1], black = 0) before ``preprocess`` (ImageNet
-normalisation by default), as the papers perturb the image itself. pytorch-grad-cam's
-``DropInConfidence`` multiplies the *normalised* tensor instead; pass ``preprocess=identity`` and
-normalised images to get its numbers (a test checks that they agree).
+What a masked pixel becomes (``explain.fill``): ``black`` multiplies the image in pixel space (images in
+[0, 1], black = 0) before ``preprocess`` (ImageNet normalisation), as the papers perturb the image itself;
+``mean`` multiplies the *normalised* tensor, so a masked pixel becomes the normalisation mean (grey) —
+pytorch-grad-cam's ``metrics.cam_mult_image`` (``DropInConfidence``, ``IncreaseInConfidence``) and RISE's
+deletion (which zeroes the normalised tensor). Insertion does not depend on it (the blur and the mix are
+linear, the normalisation affine). A test checks AD and AI against pytorch-grad-cam to 1e-5.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from proxyattention.data.transforms import normalize, to_float
 log = logging.getLogger(__name__)
 
 Preprocess = Callable[[Tensor], Tensor]
+FILLS = ("black", "mean")
 
 # RISE's insertion baseline: a Gaussian blur with an 11-pixel kernel and sigma 5 (their 224-px setting).
 BLUR_KERNEL = 11
@@ -66,18 +70,29 @@ class _EvalMode:
         self.no_grad.__exit__(*exc)
 
 
-def confidences(model: torch.nn.Module, images: Tensor, labels: Tensor, saliency: Tensor,
-                preprocess: Preprocess = normalize, batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """(p, o): true-class probabilities on the image and on the image multiplied by its map.
+def masked(x: Tensor, keep: Tensor, preprocess: Preprocess, fill: str) -> Tensor:
+    """Model input of images ``x`` (N, 3, H, W) in [0, 1] with each pixel scaled by ``keep`` (N, 1, H, W):
+    in pixel space (``black``) or in the normalised tensor (``mean``)."""
+    if fill == "black":
+        return preprocess(x * keep)
+    if fill == "mean":
+        return preprocess(x) * keep
+    raise ValueError(f"explain.fill={fill!r} is not one of: {', '.join(FILLS)}")
 
-    images: (N, 3, H, W) float in [0, 1]; labels: (N,) long; saliency: (N, H, W) float in [0, 1].
-    Returns two (N,) float tensors on the images' device.
+
+def confidences(model: torch.nn.Module, images: Tensor, labels: Tensor, saliency: Tensor,
+                preprocess: Preprocess = normalize, batch_size: int = 64,
+                fill: str = "black") -> tuple[Tensor, Tensor]:
+    """(p, o): probabilities of the explained classes on the image and on the image multiplied by its map.
+
+    images: (N, 3, H, W) float in [0, 1]; labels: (N,) long, the explained classes; saliency: (N, H, W)
+    float in [0, 1]. Returns two (N,) float tensors on the images' device.
     """
     ps, os_ = [], []
     with _EvalMode(model):
         for x, y, s in zip(images.split(batch_size), labels.split(batch_size), saliency.split(batch_size)):
             ps.append(_true_class_prob(model, preprocess(x), y))
-            os_.append(_true_class_prob(model, preprocess(x * s.unsqueeze(1)), y))
+            os_.append(_true_class_prob(model, masked(x, s.unsqueeze(1), preprocess, fill), y))
     empty = images.new_zeros(0)
     return (torch.cat(ps) if ps else empty), (torch.cat(os_) if os_ else empty)
 
@@ -128,11 +143,12 @@ def saliency_rank(saliency: Tensor) -> Tensor:
 
 def insertion_deletion_curves(model: torch.nn.Module, images: Tensor, labels: Tensor, saliency: Tensor,
                               steps: int = 20, preprocess: Preprocess = normalize,
-                              batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """True-class probability after each step of insertion and of deletion.
+                              batch_size: int = 64, fill: str = "black") -> tuple[Tensor, Tensor]:
+    """Probability of the explained class after each step of insertion and of deletion.
 
     Step k (0..steps) has the ``round(k * H * W / steps)`` most salient pixels inserted into the blurred
-    image, or deleted (set to 0) from the image. Returns (insertion, deletion), each (N, steps + 1).
+    image, or deleted from the image (made black, or the normalisation mean: ``fill``). Returns
+    (insertion, deletion), each (N, steps + 1).
     """
     n, _, h, w = images.shape
     counts = [round(k * h * w / steps) for k in range(steps + 1)]
@@ -145,7 +161,7 @@ def insertion_deletion_curves(model: torch.nn.Module, images: Tensor, labels: Te
             for count in counts:
                 shown = (rank < count).to(x.dtype)
                 ins.append(_true_class_prob(model, preprocess(start + (x - start) * shown), y))
-                dele.append(_true_class_prob(model, preprocess(x * (1 - shown)), y))
+                dele.append(_true_class_prob(model, masked(x, 1 - shown, preprocess, fill), y))
             ins_rows.append(torch.stack(ins, 1))
             del_rows.append(torch.stack(dele, 1))
     empty = images.new_zeros(0, steps + 1)
@@ -170,14 +186,15 @@ def energy_pointing(saliency: Tensor, masks: Tensor) -> Tensor:
 
 def explanation_metrics(model: torch.nn.Module, images: Tensor, labels: Tensor, saliency: Tensor,
                         masks: Optional[Tensor] = None, steps: int = 20,
-                        preprocess: Preprocess = normalize, batch_size: int = 64) -> dict[str, float]:
+                        preprocess: Preprocess = normalize, batch_size: int = 64,
+                        fill: str = "black") -> dict[str, float]:
     """Every metric, averaged over the images, under the keys used in ``result.json``.
 
     images: (N, 3, H, W) float in [0, 1]; labels: (N,) long; saliency: (N, H, W) float in [0, 1];
     masks: optional (N, H, W) bool object masks, which add ``explain/pointing``.
     """
-    p, o = confidences(model, images, labels, saliency, preprocess, batch_size)
-    ins, dele = insertion_deletion_curves(model, images, labels, saliency, steps, preprocess, batch_size)
+    p, o = confidences(model, images, labels, saliency, preprocess, batch_size, fill)
+    ins, dele = insertion_deletion_curves(model, images, labels, saliency, steps, preprocess, batch_size, fill)
     out = {
         "explain/ad": average_drop(p, o),
         "explain/ai": average_increase(p, o),
@@ -222,8 +239,9 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
 
     bank: the trial's :class:`~proxyattention.data.bank.ImageBank`; test_idx: (T,) long test indices;
     masks: optional (len(dataset), h, w) bool object masks, indexed like the bank, any resolution.
-    The CAMs explain the true class with ``cfg.explain.method``, which should differ from the training
-    method (DESIGN.md); the model's mode and gradients are left as they were.
+    The CAMs explain, and the metrics score, the class ``cfg.explain.target`` names (the model's
+    prediction on the clean image, or the true label) with ``cfg.explain.method``, which should differ
+    from the training method (DESIGN.md); the model's mode and gradients are left as they were.
     """
     from proxyattention.cam import compute_cams
 
@@ -232,13 +250,17 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
         log.warning("explain.method=%s is also the training method; the thesis judges a model with a "
                     "different CAM method (set explain.method)", e.method)
     idx = choose_images(test_idx.cpu(), int(e.images), int(cfg.train.seed))
-    images, labels, maps = [], [], []
+    images, classes, maps = [], [], []
     for _, imgs, y in bank.batches(idx, int(e.batch_size)):
         x = to_float(imgs)
+        if e.target == "predicted":
+            with _EvalMode(model):
+                y = model(normalize(x)).argmax(1)
         maps.append(compute_cams(model, normalize(x), y, e.method, target_layer, impl=e.impl,
                                  batch_size=int(e.batch_size)).float())
         images.append(x)
-        labels.append(y)
-    x, y, s = torch.cat(images), torch.cat(labels), torch.cat(maps)
+        classes.append(y)
+    x, y, s = torch.cat(images), torch.cat(classes), torch.cat(maps)
     m = None if masks is None else masks_at(masks, idx, x.shape[-2:]).to(x.device)
-    return explanation_metrics(model, x, y, s, m, steps=int(e.steps), batch_size=int(e.batch_size))
+    return explanation_metrics(model, x, y, s, m, steps=int(e.steps), batch_size=int(e.batch_size),
+                               fill=str(e.fill))

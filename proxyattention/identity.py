@@ -29,7 +29,7 @@ import os
 from functools import lru_cache
 from typing import Any, Mapping, Optional
 
-from proxyattention.config import GROUP_SCHEMAS, MethodConfig, ProxyConfig
+from proxyattention.config import GROUP_SCHEMAS, ProxyConfig
 from proxyattention.schedule import parse_schedule
 
 # Keys that never change what a trial computes: excluded from cell identity.
@@ -39,10 +39,18 @@ VOLATILE_KEYS: tuple[str, ...] = (
 # Speed choices that were part of identity before they became automatic: hashed at the value they
 # always had then, so cells run before keep their ids (``train.channels_last`` is now ``auto``).
 PINNED_KEYS: dict[str, Any] = {"train.channels_last": False, "dataset.in_memory": "auto",
-                               "dataset.max_memory_mb": 2048}
+                               "dataset.max_memory_mb": 2048,
+                               "train.lr": 0.001}  # retired: it never had an effect
 # Keys added to the schema after cells were run: they enter an id only when set to a value other than
 # the one that reproduces the earlier behaviour, so earlier cells keep their ids.
-ADDED_KEYS: dict[str, Any] = {"dataset.val_max": None}
+ADDED_KEYS: dict[str, Any] = {"dataset.val_max": None, "proxy.p_trains": False, "explain.target": "true",
+                              "explain.fill": "black"}
+# A baseline's proxy and method groups as they are hashed: fixed values (the defaults these groups had
+# when ids were first defined), so a later change of a proxy default never renames a baseline.
+BASELINE_PROXY: dict[str, Any] = {"enabled": False, "threshold": 0.4, "weight": 0.8, "subset": 1.0, "mode": "blend",
+                                  "target": "predicted", "clear_every_step": True, "log_images": 8, "dump": False}
+BASELINE_METHOD: dict[str, Any] = {"name": "gradcampp", "impl": "auto", "batch_size": 64}
+EIGEN_METHODS = ("eigencam", "eigengradcam")  # their native maps took an oriented sign (see cam.py)
 # Datasets named only by their folder: their folder's name joins the identity.
 FOLDER_NAMED_DATASETS = ("imagefolder",)
 
@@ -99,17 +107,22 @@ def normalised(cfg: Mapping[str, Any]) -> Plain:
     """:func:`complete`, with a baseline's proxy and method groups reset (what its snapshot holds)."""
     c = complete(cfg)
     if is_baseline(c):
-        c["proxy"] = {**dataclasses.asdict(ProxyConfig()), "enabled": False,
-                      "schedule": parse_schedule(c["proxy"]["schedule"]).baseline.text}
-        c["method"] = dataclasses.asdict(MethodConfig())
+        c["proxy"] = {**BASELINE_PROXY, "schedule": _baseline_schedule(c["proxy"])}
+        c["method"] = dict(BASELINE_METHOD)
     return c
+
+
+def _baseline_schedule(proxy: Mapping[str, Any]) -> str:
+    """The epochs a baseline of ``proxy``'s schedule trains (a ``p`` counts when ``proxy.p_trains``)."""
+    return parse_schedule(proxy["schedule"], p_trains=bool(proxy.get("p_trains", False))).baseline.text
 
 
 def baseline_of(cfg: Mapping[str, Any]) -> Plain:
     """The paired baseline of a trial: same everything, proxy off, schedule without the ``p`` steps."""
     c = complete(cfg)
+    c["proxy"]["schedule"] = _baseline_schedule(c["proxy"])
     c["proxy"]["enabled"] = False
-    c["proxy"]["schedule"] = parse_schedule(c["proxy"]["schedule"]).baseline.text
+    c["proxy"]["p_trains"] = False
     return normalised(c)
 
 
@@ -135,7 +148,19 @@ def canonical(cfg: Mapping[str, Any]) -> Plain:
         if c[group].get(name, neutral) == neutral:
             c[group].pop(name, None)
     c["dataset"]["root"] = data_identity(c["dataset"])
+    _mark_changed_behaviour(c)
     return c
+
+
+def _mark_changed_behaviour(c: Plain) -> None:
+    """Cells whose results changed under unchanged keys get a marker, so a cell computed before the
+    change is never taken for one computed after it: the eigen methods' native maps now take an
+    oriented sign (cam.py), which changes the maps a proxy step or the explain metrics use."""
+    explain, method = c["explain"], c["method"]
+    if explain.get("enabled", True) and explain["method"] in EIGEN_METHODS and explain["impl"] != "library":
+        explain["eigen_sign"] = "oriented"
+    if c["proxy"].get("enabled", True) and method["name"] in EIGEN_METHODS and method["impl"] != "library":
+        method["eigen_sign"] = "oriented"
 
 
 def _digest(obj: Any) -> str:

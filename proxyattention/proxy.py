@@ -42,7 +42,9 @@ def make_proxies(images: Tensor, cams: Tensor, threshold: float, weight: float, 
     """Proxy images.
 
     images: (N, C, H, W) float in [0, 1]; cams: (N, H, W) float in [0, 1], min–max normalised per image.
-    On pixels where ``cam >= threshold`` (all channels):
+    On pixels where ``cam >= threshold`` (all channels) — the maximum is exactly 1, so ``threshold=1``
+    selects the most attended pixels; a constant map (all zeros: it says nothing) selects none, whatever
+    the threshold:
 
     - ``blend``: ``x * (1 - weight * cam)``;
     - ``mean`` / ``max`` / ``min``: the image's own per-channel mean / max / min;
@@ -54,7 +56,8 @@ def make_proxies(images: Tensor, cams: Tensor, threshold: float, weight: float, 
         raise ValueError(f"images (N,C,H,W) and cams (N,H,W) must match; got {tuple(images.shape)} "
                          f"and {tuple(cams.shape)}")
     cam = cams.to(images.dtype).unsqueeze(1)  # (N, 1, H, W), broadcast over channels
-    mask = cam >= threshold
+    informative = cams.flatten(1).amax(1) > 0
+    mask = (cam >= threshold) & informative[:, None, None, None]
     if mode == "blend":
         fill = images * (1.0 - weight * cam)
     elif mode in ("mean", "max", "min"):
@@ -175,7 +178,12 @@ class ProxyState:
 
 @dataclass
 class StepResult:
-    """What one proxy step did: the numbers for ``result.json`` and up to ``log_images`` examples."""
+    """What one proxy step did: the numbers for ``result.json`` and up to ``log_images`` examples.
+
+    ``stats``: ``misclassified`` (wrong in the epoch before), ``chosen`` (proxied), ``now_correct`` (of
+    those, classified correctly by the model at the step), ``explained_true`` (CAMs that explained the
+    image's own class: none with ``proxy.target=mistake``), ``pixels_changed``, ``proxies``, ``state_bytes``.
+    """
 
     stats: dict[str, float]
     before: Tensor  # (k, 3, S, S) uint8 originals of the first examples
@@ -214,6 +222,7 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
     layer_maps = True
     changed = torch.zeros((), device=device)
     now_correct = torch.zeros((), dtype=torch.long, device=device)
+    explained_true = torch.zeros((), dtype=torch.long, device=device)  # CAMs of the image's own class
     keep = int(proxy.log_images)
     before_ex: list[Tensor] = []
     after_ex: list[Tensor] = []
@@ -224,7 +233,8 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
         inp = normalize(to_float(before))
         if channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
-        out = explain_batch(model, inp, _targets(str(proxy.target), idx_d, labels, mistakes),
+        targets = _targets(str(proxy.target), idx_d, labels, mistakes)
+        out = explain_batch(model, inp, targets,
                             str(method.name), target_layer, impl=str(method.impl),
                             batch_size=int(method.batch_size), at="layer", with_predicted=True)
         if maps is None:  # preallocated once the map size is known: the only state that grows
@@ -237,6 +247,7 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
         after = state.rebuild(chunk, torch.arange(k, device=device), before)
         changed += (before != after).any(dim=1).float().mean(dim=(1, 2)).sum()
         now_correct += (out.predicted == labels[idx_d]).sum()
+        explained_true += ((out.predicted if targets is None else targets) == labels[idx_d]).sum()
         if len(before_ex) * method.batch_size < keep:
             before_ex.append(before[:keep].clone())  # not a view: the chunk itself is let go
             after_ex.append(after[:keep].clone())
@@ -246,7 +257,7 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
     index = chosen.to(device)
     state.record(ProxyLayer(index, maps if maps is not None else torch.zeros((0, 1, 1), device=device), layer_maps))
     stats = {"misclassified": int(wrong.numel()), "chosen": int(n), "images": int(n),
-             "now_correct": int(now_correct.item()),
+             "now_correct": int(now_correct.item()), "explained_true": int(explained_true.item()),
              "pixels_changed": float(changed.item()) / n if n else 0.0,
              "proxies": len(state), "state_bytes": state.nbytes()}
     empty = torch.zeros((0, 3, *state.size), dtype=torch.uint8)

@@ -1,5 +1,8 @@
 """Proxy schedules: ``"5,p,9,p,9,p,9,p,4"`` — integers are training epochs, ``p`` a proxy step.
 
+With ``proxy.p_trains=true`` each ``p`` is, as the thesis counted it, one training epoch followed by the
+proxy step: ``20,p,19`` then trains 40 epochs with the step after epoch 21, and its baseline trains 40.
+
 Pure Python (no torch) so the launcher can validate schedules before any cell starts.
 """
 
@@ -14,7 +17,7 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """A parsed schedule.
+    """A parsed schedule. ``text`` is its canonical spelling (as written, ``p`` steps included).
 
     ``segments`` are the epoch counts between proxy steps; a proxy step sits between two consecutive
     segments. ``proxy_after`` lists the (1-based) epoch numbers after which a proxy step runs.
@@ -45,7 +48,7 @@ class Schedule:
         return Schedule(text=str(self.epochs), segments=(self.epochs,))
 
 
-def parse_schedule(text: str | int, key: str = "proxy.schedule") -> Schedule:
+def parse_schedule(text: str | int, key: str = "proxy.schedule", p_trains: bool = False) -> Schedule:
     """Parse and validate a schedule string.
 
     Rules: comma-separated tokens, each a positive integer or ``p``; it starts and ends with epochs, and
@@ -83,6 +86,8 @@ def parse_schedule(text: str | int, key: str = "proxy.schedule") -> Schedule:
     if expect_epochs:
         raise ScheduleError(f"{hint}; it ends with 'p' (a proxy step must be followed by epochs)")
     canonical = ",p,".join(str(s) for s in segments)
+    if p_trains:  # every segment followed by a `p` gains the epoch that `p` trains
+        segments = [s + 1 for s in segments[:-1]] + segments[-1:]
     return Schedule(text=canonical, segments=tuple(segments))
 
 

@@ -169,9 +169,9 @@ def set_up(cfg: Any, out: Path) -> Trial:
     n_train = len(data.train)
     # A last batch of one image breaks BatchNorm in train mode; it is dropped (identically in every run).
     steps_per_epoch = n_train // batch_size + (1 if n_train % batch_size > 1 else 0)
-    schedule = parse_schedule(cfg.proxy.schedule)
+    schedule = parse_schedule(cfg.proxy.schedule, p_trains=bool(cfg.proxy.p_trains))
     # Fused AdamW on CUDA also lets the fp16 gradient scaler skip its per-step host sync.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.max_lr / 25, weight_decay=cfg.train.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {}))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.max_lr,
                                                     total_steps=schedule.epochs * steps_per_epoch)

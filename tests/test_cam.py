@@ -44,7 +44,49 @@ def test_native_matches_pytorch_grad_cam(setups, model_name, method):
     library = compute_cams(model, images, targets, method, target, impl="library")
     assert native.shape == images.shape[:1] + images.shape[2:] and native.dtype == torch.float32
     assert (native.amax(dim=(1, 2)) > 0.99).any(), "every map is constant: the comparison proves nothing"
+    if method in ("eigencam", "eigengradcam"):
+        # Equal up to the sign of the projection, which the native path orients and LAPACK leaves to chance.
+        from proxyattention.cam import explain_batch, to_input_size
+
+        layer = explain_batch(model, images, targets, method, target, impl="native", at="layer").maps
+        flipped = to_input_size(-layer, tuple(images.shape[-2:]))
+        per_image = torch.minimum((native - library).abs().amax(dim=(1, 2)),
+                                  (flipped - library).abs().amax(dim=(1, 2)))
+        assert per_image.max().item() < 1e-4
+        return
     assert (native - library).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])
+def test_eigen_sign_points_where_the_evidence_is(setups, method):
+    """The oriented map correlates non-negatively with the channel sum of what was decomposed, and
+    negating that input (which flips any SVD's sign) gives the same map."""
+    from proxyattention.cam import oriented_projection
+
+    torch.manual_seed(1)
+    x = torch.randn(5, 16, 7, 7) + torch.linspace(0, 3, 49).view(1, 1, 7, 7)
+    proj = oriented_projection(x)
+    ref = x.sum(1)
+    corr = ((proj - proj.mean((1, 2), keepdim=True)) * (ref - ref.mean((1, 2), keepdim=True))).sum((1, 2))
+    assert (corr >= 0).all()
+    again = oriented_projection(-x)  # the reference flips too: the map follows the evidence, not LAPACK
+    assert torch.allclose(again.abs(), proj.abs(), atol=1e-4)
+    model, target, images, targets = setups["test_resnet"]
+    maps = compute_cams(model, images, targets, method, target, impl="native")
+    assert maps.amax(dim=(1, 2)).max() == 1.0  # normalised maps reach exactly 1
+
+
+def test_threshold_one_selects_the_peak_and_a_constant_map_nothing():
+    from proxyattention.proxy import make_proxies
+
+    images = torch.full((2, 3, 4, 4), 0.5)
+    cams = torch.zeros(2, 4, 4)
+    cams[0, 1, 2] = 1.0
+    cams[0, 0, 0] = 0.999
+    out = make_proxies(images, cams, 1.0, 1.0, "black")
+    assert (out[0] == 0).sum() == 3 and out[0, :, 1, 2].eq(0).all()  # only the peak, all channels
+    assert torch.equal(out[1], images[1])  # all-zero map: nothing, even at threshold 0
+    assert torch.equal(make_proxies(images, cams, 0.0, 1.0, "black")[1], images[1])
 
 
 @pytest.mark.parametrize("impl", ["native", "library"])

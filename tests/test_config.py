@@ -52,7 +52,7 @@ def test_unknown_group_option_lists_choices():
     ("proxy.subset=0", "proxy.subset", "(0.0, 1.0]"),
     ("proxy.subset=1.01", "proxy.subset", "(0.0, 1.0]"),
     ("proxy.mode=grey", "proxy.mode", "blend, mean, max, min, black, white"),
-    ("proxy.target=other", "proxy.target", "predicted, mistake, true"),
+    ("proxy.target=other", "proxy.target", "mistake, predicted, true"),
     ("proxy.schedule='5,q,3'", "proxy.schedule", "'p'"),
     ("proxy.schedule='p,p'", "proxy.schedule", "'p'"),
     ("proxy.schedule=''", "proxy.schedule", "empty"),
@@ -90,6 +90,26 @@ def test_spellings_the_trial_treats_alike_are_one_cell():
     assert cell_id(make("proxy.schedule='1,p,1'")) != cell_id(make("proxy.schedule='1,p,2'"))
     speed = make("dataset.in_memory=no", "dataset.max_memory_mb=64", "train.channels_last=true")
     assert cell_id(speed) == cell_id(make())  # where images live and their layout change no result
+
+
+def test_explain_and_proxy_targets_are_checked_and_true_is_a_word():
+    cfg = to_trial_config(make("explain.target=true", "proxy.target=true", "explain.fill=mean"))
+    assert cfg.explain.target == "true" and cfg.proxy.target == "true" and cfg.explain.fill == "mean"
+    assert to_trial_config(make()).proxy.target == "mistake"
+    for bad, key in (("explain.target=label", "explain.target"), ("explain.fill=grey", "explain.fill"),
+                     ("proxy.target=wrong", "proxy.target")):
+        with pytest.raises(ConfigError, match=key):
+            to_trial_config(make(bad))
+
+
+def test_a_retired_key_in_an_old_snapshot_is_dropped_and_keeps_its_id(caplog):
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(to_trial_config(make("proxy=none")))
+    old["train"]["lr"] = 0.001  # what snapshots written before train.lr left the schema hold
+    cfg = to_trial_config(old)
+    assert "lr" not in cfg.train and "ignoring train.lr" in caplog.text
+    assert cell_id(cfg) == cell_id(make("proxy=none"))
 
 
 def test_val_max_enters_an_id_only_when_set():

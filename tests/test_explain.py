@@ -196,3 +196,31 @@ def test_agrees_with_pytorch_grad_cam_confidence_metrics():
     assert np.array_equal((p < o).float().numpy(), increase)
     assert average_drop(p, o) == pytest.approx(float(np.mean(drop / p.numpy()) * 100), rel=1e-5)
     assert average_increase(p, o) == pytest.approx(float(np.mean(increase) * 100))
+
+
+def test_mean_fill_is_pytorch_grad_cams_convention_on_normalised_images():
+    """explain.fill=mean on [0, 1] images == pytorch-grad-cam's cam_mult_image on the normalised tensor."""
+    from pytorch_grad_cam.metrics.cam_mult_image import (
+        DropInConfidence,
+        IncreaseInConfidence,
+    )
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    from proxyattention.data.transforms import normalize
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    images = torch.rand(12, 3, 9, 9)
+    cams = torch.rand(12, 9, 9)
+    with torch.no_grad():
+        predicted = model(normalize(images)).argmax(1)  # explain.target=predicted
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in predicted]
+    drop = DropInConfidence()(normalize(images), cams.numpy(), targets, model)
+    increase = IncreaseInConfidence()(normalize(images), cams.numpy(), targets, model)
+    p, o = confidences(model, images, predicted, cams, fill="mean")
+    library_ad = float(np.mean(drop / p.numpy()) * 100)
+    assert abs(average_drop(p, o) - library_ad) <= 1e-5 * max(1.0, library_ad)
+    assert abs(average_increase(p, o) - float(np.mean(increase) * 100)) <= 1e-5
+    black = confidences(model, images, predicted, cams, fill="black")[1]
+    assert not torch.allclose(black, o)  # the two conventions are different numbers

@@ -213,22 +213,40 @@ def test_results_csv_frame_puts_identity_first(sweep):
     assert isinstance(df, pd.DataFrame)
 
 
-def test_report_flags_mixed_devices_and_pairs_with_different_batch_sizes(tmp_path):
-    from proxyattention.analysis.report import _device_notes
+def test_pairs_that_trained_differently_are_refused_and_mixed_devices_flagged(tmp_path):
+    from proxyattention.analysis.report import _device_notes, _refused_pairs
 
     s = tmp_path / "sweep"
     gpu = {"type": "cuda", "name": "Tesla V100", "precision": "fp16", "batch_size": 256}
     write_cell(s, trial(0), 0.8, "DONE", device=gpu)
     write_cell(s, trial(0, proxy=False), 0.79, "DONE", device={**gpu, "batch_size": 192})
     write_cell(s, trial(1), 0.8, "DONE", device={**gpu, "type": "cpu", "batch_size": 128})
-    write_cell(s, trial(1, proxy=False), 0.8, "DONE", device={**gpu, "type": "cpu", "batch_size": 128})
+    write_cell(s, trial(1, proxy=False), 0.7, "DONE", device={**gpu, "type": "cpu", "batch_size": 128})
     df = table.load_results(s)
     assert set(df["device.type"]) == {"cuda", "cpu"} and set(df["device.batch_size"]) == {256, 192, 128}
+    bad = stats.pair_mismatches(df)
+    assert bad["cell_id"].tolist() == [cell_id(trial(0))]
+    assert bad["differs"].iloc[0] == "batch size 256 vs 192"
+    diffs = stats.paired_differences(df).set_index("cell_id")
+    assert math.isnan(diffs.loc[cell_id(trial(0)), "diff"])  # refused: no difference computed
+    assert diffs.loc[cell_id(trial(0)), "baseline_state"] == "not a pair"
+    assert diffs.loc[cell_id(trial(1)), "diff"] == pytest.approx(0.1)
+    assert "batch size 256 vs 192" in "\n".join(_refused_pairs(df))
     notes = "\n".join(_device_notes(df))
     assert "digits / test_resnet: cells ran on different device types (2 on cpu, 2 on cuda)" in notes
-    assert f"proxy cell {cell_id(trial(0))} trained with batch size 256" in notes and "with 192" in notes
-    assert cell_id(trial(1)) not in notes  # its pair agrees
     one = tmp_path / "one"
     write_cell(one, trial(0), 0.8, "DONE", device=gpu)
     write_cell(one, trial(0, proxy=False), 0.79, "DONE", device=gpu)
-    assert _device_notes(table.load_results(one)) == []
+    same = table.load_results(one)
+    assert _device_notes(same) == [] and stats.pair_mismatches(same).empty
+
+
+def test_holm_adjustment_and_paired_p_values():
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0]
+    from scipy.stats import ttest_1samp
+
+    x = [0.02, 0.03, -0.01, 0.04]
+    expected = ttest_1samp(x, 0).pvalue
+    assert stats.paired_p_value(float(np.mean(x)), float(np.std(x, ddof=1)), 4) == pytest.approx(expected)
+    assert math.isnan(stats.paired_p_value(0.1, 0.0, 1))

@@ -44,3 +44,11 @@ def test_schedule_overrides_need_no_quotes():
     assert quote_schedule_overrides(["proxy.schedule=20,p,19", "a=1,2", "proxy.schedule='3,p,4'",
                                      "+proxy.schedule=1,p,1"]) == [
         "proxy.schedule='20,p,19'", "a=1,2", "proxy.schedule='3,p,4'", "+proxy.schedule='1,p,1'"]
+
+
+def test_p_trains_gives_the_thesis_epoch_budget():
+    thesis = parse_schedule("5,p,9,p,9,p,9,p,4", p_trains=True)
+    assert thesis.epochs == 40 and thesis.proxy_after == (6, 16, 26, 36) and thesis.text == "5,p,9,p,9,p,9,p,4"
+    long = parse_schedule("20,p,19", p_trains=True)
+    assert long.epochs == 40 and long.proxy_after == (21,) and long.baseline.text == "40"
+    assert parse_schedule("20,p,19").epochs == 39  # a p between epochs trains nothing

@@ -272,7 +272,7 @@ def test_time_limit_requeues_and_resumes_or_ends_timeout(cluster, tmp_path):
 
 @pytest.mark.slurm
 def test_sweep_2x2_completes_in_chunked_arrays(cluster, sweep):
-    out = launch(sweep, "proxy.schedule=1", "train.seed=0,1", "train.lr=0.001,0.002",
+    out = launch(sweep, "proxy.schedule=1", "train.seed=0,1", "train.max_lr=0.001,0.002",
                  "hydra.launcher.max_array_size=3", "hydra.launcher.array_parallelism=2")
     assert "submitted 4 of 4 cells" in out, out
     assert str(sweep) in out
@@ -294,7 +294,7 @@ def test_sweep_2x2_completes_in_chunked_arrays(cluster, sweep):
         assert json.loads((cell / "status.json").read_text())["job_id"] == rec["job_id"]
     scripts = [s.read_text() for s in (sweep / "slurm").glob("*.sh")]
     assert any("#SBATCH --array=0-2%2" in s for s in scripts), scripts  # the 3-cell chunk, 2 at a time
-    again = launch(sweep, "proxy.schedule=1", "train.seed=0,1", "train.lr=0.001,0.002")
+    again = launch(sweep, "proxy.schedule=1", "train.seed=0,1", "train.max_lr=0.001,0.002")
     assert "All 4 cells are DONE; nothing to submit" in again
 
 

@@ -52,6 +52,10 @@ def test_cli_trial_leaves_a_complete_record(tmp_path):
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert set(result["timing"]) >= {"train_s", "proxy_s", "eval_s", "total_s"}
     assert result["config"]["proxy"]["schedule"] == "1,p,1"
+    (step,) = result["proxy_steps"]  # the default target explains the wrong class of each mistake
+    assert step["chosen"] > 0 and 0 <= step["now_correct"] <= step["chosen"] and step["explained_true"] == 0
+    assert result["device"]["type"] == "cpu" and result["device"]["precision"] == "fp32"
+    assert result["device"]["batch_size"] == result["run"]["batch_size"]
     assert OmegaConf.load(out / "config.yaml").model.name == "test_resnet"
     assert not (out / "error.json").exists()
 
@@ -141,3 +145,17 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     train_mod.train(trial_cfg(tmp_path, "1"), out)
     with pytest.raises(CheckpointError, match="different trial config"):
         train_mod.train(trial_cfg(tmp_path, "1", seed=5), out)
+
+
+def test_p_trains_counts_each_p_as_a_training_epoch(tmp_path):
+    """As the thesis counted: 1,p,1 trains 3 epochs with the step after epoch 2; its baseline trains 3."""
+    from proxyattention.identity import baseline_of
+
+    cfg = trial_cfg(tmp_path, "1,p,1")
+    cfg.proxy.p_trains = True
+    result = train_mod.train(cfg, tmp_path / "p_trains")
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert [s["after_epoch"] for s in result["proxy_steps"]] == [2]
+    assert result["run"]["epochs"] == 3
+    base = baseline_of(cfg)
+    assert base["proxy"]["schedule"] == "3" and not base["proxy"]["enabled"]

@@ -130,7 +130,8 @@ def _draw_curve(ax: Any, g: pd.DataFrame, hist: dict[str, list[dict]], label: st
     ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
     if is_base:
         return set()
-    return {e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0])).proxy_after}
+    p_trains = bool(g["proxy.p_trains"].iloc[0]) if "proxy.p_trains" in g else False
+    return {e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0]), p_trains=p_trains).proxy_after}
 
 
 def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict[str, str]) -> None:

@@ -33,6 +33,7 @@ from proxyattention.analysis.stats import (
     baseline_summary,
     grouped_paired,
     notes_for,
+    pair_mismatches,
     paired_summary,
 )
 from proxyattention.analysis.table import (
@@ -163,6 +164,24 @@ def _states_section(df: pd.DataFrame, labels: dict[str, str]) -> list[str]:
     return out
 
 
+def _budget(cells: pd.DataFrame) -> str:
+    """The training budget behind a row: its cells' epochs and gradient steps ("40 ep / 12,000 steps")."""
+    def values(col: str) -> str:
+        if col not in cells.columns:
+            return "?"
+        v = sorted({int(x) for x in cells[col].dropna()})
+        return "?" if not v else (f"{v[0]:,}" if len(v) == 1 else f"{v[0]:,}–{v[-1]:,}")
+    return f"{values('run.epochs')} ep / {values('run.steps')} steps"
+
+
+def _row_cells(df: pd.DataFrame, **match: str) -> pd.DataFrame:
+    """The DONE cells (proxy and baseline) of one table row."""
+    done = df[df["state"] == "DONE"]
+    for col, value in match.items():
+        done = done[done[col].astype(str) == str(value)]
+    return done
+
+
 def _only(table: pd.DataFrame, ds: str, model: str) -> Optional[pd.Series]:
     """The row of ``table`` for one dataset/model, or None."""
     if table.empty:
@@ -201,14 +220,18 @@ def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[s
             fmt_diff(bs.diff_mean, bs.ci_lo, bs.ci_hi) if bs is not None else "–",
             "; ".join(x for x in ((f"all: {pm.note}" if pm is not None and pm.note else ""),
                                   (f"best: {bs.note}" if bs is not None and bs.note else "")) if x),
+            _budget(_row_cells(df, **{"dataset.name": ds, "model.name": model})),
         ])
         fig_rows.append({"dataset": ds, "model": model,
                          "baseline": (bm["mean"], bm["std"]) if bm is not None else nan2,
                          "proxy (all)": (pm.acc_mean, pm.acc_std) if pm is not None else nan2,
                          "proxy (best)": (bs.proxy_mean, bs.proxy_std) if bs is not None else nan2})
     table = markdown_table(rows, ["dataset", "model", "baseline", "proxy (all configs)",
-                                  "Δ all, per seed [95% CI]", "proxy (best by val acc)",
-                                  "Δ best [95% CI]", "note"])
+                                  "Δ all, per seed [95% CI]", "proxy (best config, selected on val acc)",
+                                  "Δ best [95% CI]", "note", "training"])
+    table += ("\n\nThe best configuration is the one with the highest mean *validation* accuracy; its "
+              "test Δ is reported after that selection, so it is optimistic when many configurations "
+              "were tried (see the Holm-adjusted p-values below).")
     return table, pd.DataFrame(fig_rows)
 
 
@@ -218,16 +241,23 @@ def _table_by(df: pd.DataFrame, param: str, metric: str, level: float) -> str:
     g = grouped_paired(df, by, metric, level)
     if g.empty:
         return "_No finished proxy cells._"
+    proxies = df[df["role"] == "proxy"]
     rows = [[r["dataset.name"], r["model.name"], r[param], fmt_mean(r.acc_mean, r.acc_std, r.cells),
-             fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi), r.paired_seeds, r.note]
+             fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi), r.paired_seeds, r.note,
+             _budget(_row_cells(proxies, **{"dataset.name": r["dataset.name"], "model.name": r["model.name"],
+                                            param: r[param]}))]
             for _, r in g.iterrows()]
     if param == "proxy.schedule":  # the baselines are the schedules without p
         b = baseline_summary(df, ["dataset.name", "model.name", "proxy.schedule"], metric)
+        bases = df[df["role"] == "baseline"]
         rows += [[r["dataset.name"], r["model.name"], f"{r['proxy.schedule']} (baseline)",
-                  fmt_mean(r["mean"], r["std"], r["n"]), "", "", ""] for _, r in b.iterrows()]
+                  fmt_mean(r["mean"], r["std"], r["n"]), "", "", "",
+                  _budget(_row_cells(bases, **{"dataset.name": r["dataset.name"], "model.name": r["model.name"],
+                                               "proxy.schedule": r["proxy.schedule"]}))]
+                 for _, r in b.iterrows()]
         rows.sort(key=lambda x: (str(x[0]), str(x[1]), str(x[2])))
     return markdown_table(rows, ["dataset", "model", param.split(".")[-1], f"{metric} mean ± std",
-                                 "Δ vs baseline, per seed [95% CI]", "paired seeds", "note"])
+                                 "Δ vs baseline, per seed [95% CI]", "paired seeds", "note", "training"])
 
 
 def _table_configs(df: pd.DataFrame, labels: dict[str, str], metric: str, level: float) -> str:
@@ -236,12 +266,18 @@ def _table_configs(df: pd.DataFrame, labels: dict[str, str], metric: str, level:
     if s.empty:
         return "_No finished proxy cells._"
     s = s.assign(label=[labels.get(c, c) for c in s["config_id"]]).sort_values("label")
+    done = df[df["state"] == "DONE"]
     rows = [[r.label, fmt_mean(r.proxy_mean, r.proxy_std, r.seeds),
              fmt_mean(r.baseline_mean, r.baseline_std, r.paired), fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi),
-             "–" if math.isnan(r.diff_std) else f"{r.diff_std:.3f}", r.note or "ok"]
+             "–" if math.isnan(r.diff_std) else f"{r.diff_std:.3f}", _p(r.p), _p(r.p_holm), r.note or "ok",
+             _budget(done[done["config_id"] == r.config_id])]
             for r in s.itertuples()]
     return markdown_table(rows, ["configuration", "proxy", "baseline (same seeds)", "Δ [95% CI]",
-                                 "Δ std", "note"])
+                                 "Δ std", "p", "p (Holm, all configurations)", "note", "training"])
+
+
+def _p(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
 
 def _explain_cells(s: Optional[pd.Series]) -> list[str]:
@@ -294,8 +330,7 @@ def _explain_method_notes(df: pd.DataFrame) -> list[str]:
 
 
 def _device_notes(df: pd.DataFrame) -> list[str]:
-    """Caveats where cells of one dataset × model table ran on different device types, and where a proxy
-    cell and its baseline trained with different batch sizes (not the same training, so not a pair)."""
+    """Caveats where cells of one dataset × model table ran on different device types."""
     done = df[df["state"] == "DONE"]
     if done.empty or "device.type" not in done.columns:
         return []
@@ -306,15 +341,19 @@ def _device_notes(df: pd.DataFrame) -> list[str]:
             mix = ", ".join(f"{n} on {kind}" for kind, n in counts.sort_index().items())
             notes.append(f"- {ds} / {model}: cells ran on different device types ({mix}); timings, and "
                          "through the precision used, accuracies are not strictly comparable.")
-    sizes = done.set_index("cell_id")["device.batch_size"]
-    proxies = done[(done["role"] == "proxy") & done["baseline_id"].isin(sizes.index)]
-    differ = [(r.cell_id, r.baseline_id, sizes[r.cell_id], sizes[r.baseline_id]) for r in proxies.itertuples()
-              if pd.notna(sizes[r.cell_id]) and pd.notna(sizes[r.baseline_id])
-              and sizes[r.cell_id] != sizes[r.baseline_id]]
-    for cid, bid, a, b in differ:
-        notes.append(f"- proxy cell {cid} trained with batch size {int(a)}, its baseline {bid} with {int(b)}: "
-                     "the pair's difference mixes in the batch size (set train.batch_size to a number).")
     return notes
+
+
+def _refused_pairs(df: pd.DataFrame) -> list[str]:
+    """The proxy cells left unpaired because their baseline trained differently."""
+    bad = pair_mismatches(df)
+    if bad.empty:
+        return []
+    return ["", "## Pairs refused", "",
+            f"{len(bad)} proxy cell(s) were not compared with their baseline, which trained differently "
+            "(a pair must share the split, batch size, device type and epochs; set `train.batch_size` to "
+            "a number and run both on one kind of device):", ""] + \
+        [f"- {r.cell_id} vs baseline {r.baseline_id}: {r.differs}" for r in bad.itertuples()]
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -437,6 +476,7 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
                f"evidence of a difference)."]
     md += _accuracy_sections(df, labels, rc, out)
     md += _maps_section(df, labels, rc, out)
+    md += _refused_pairs(df)
     md += ["", "## Checks", ""] + _tb_section(df, rc.tb_check) + _explain_method_notes(df) + _device_notes(df)
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"

@@ -64,11 +64,39 @@ def mean_interval(values: Iterable[float], level: float = 0.95) -> Interval:
     return Interval(n, mean, std, mean - half, mean + half)
 
 
+# What a proxy cell and its baseline must share to be a pair: the same data split, the same batch size
+# (so the same gradient steps), the same kind of device (so the same precision) and the same epochs.
+PAIR_KEYS = {"data.split": "split", "device.batch_size": "batch size", "device.type": "device type",
+             "run.epochs": "epochs"}
+
+
+def pair_mismatches(df: pd.DataFrame) -> pd.DataFrame:
+    """DONE proxy cells whose DONE baseline trained differently (see :data:`PAIR_KEYS`): they are not
+    paired. Columns: cell_id, baseline_id, differs (e.g. ``batch size 256 vs 192``)."""
+    cols = ["cell_id", "baseline_id", "differs"]
+    if df.empty or "baseline_id" not in df.columns:
+        return pd.DataFrame(columns=cols)
+    done = df[df["state"] == "DONE"]
+    keys = [k for k in PAIR_KEYS if k in done.columns]
+    base = done[done["role"] == "baseline"].set_index("_key")[keys] if keys else None
+    rows = []
+    for r in done[done["role"] == "proxy"].to_dict("records"):
+        if base is None or r["baseline_id"] not in base.index:
+            continue
+        b = base.loc[r["baseline_id"]]
+        differs = [f"{PAIR_KEYS[k]} {r[k]} vs {b[k]}" for k in keys
+                   if pd.notna(r[k]) and pd.notna(b[k]) and r[k] != b[k]]
+        if differs:
+            rows.append([r["cell_id"], r["baseline_id"], "; ".join(differs)])
+    return pd.DataFrame(rows, columns=cols)
+
+
 def paired_differences(df: pd.DataFrame, metric: str = "test/acc") -> pd.DataFrame:
     """One row per proxy cell: its metric, its same-seed baseline's, and the difference.
 
-    Columns: cell_id, config_id, train.seed, proxy, baseline (NaN when the baseline is not DONE or
-    missing), diff, baseline_id, baseline_state. Proxy cells that are not DONE are left out.
+    Columns: cell_id, config_id, train.seed, proxy, baseline (NaN when the baseline is not DONE, missing
+    or not a pair: :func:`pair_mismatches`), diff, baseline_id, baseline_state. Proxy cells that are not
+    DONE are left out.
     """
     cols = ["cell_id", "config_id", "train.seed", "proxy", "baseline", "diff", "baseline_id",
             "baseline_state"]
@@ -85,8 +113,32 @@ def paired_differences(df: pd.DataFrame, metric: str = "test/acc") -> pd.DataFra
         "baseline_id": proxy["baseline_id"], "baseline_state": proxy["baseline_state"],
     })
     out["baseline"] = out["baseline"].astype(float)
+    refused = set(pair_mismatches(df)["cell_id"])
+    out.loc[out["cell_id"].isin(refused), ["baseline", "baseline_state"]] = [math.nan, "not a pair"]
     out["diff"] = out["proxy"] - out["baseline"]
     return out[cols].reset_index(drop=True)
+
+
+def paired_p_value(mean: float, std: float, n: int) -> float:
+    """Two-sided p-value of a paired t test that the mean difference is 0 (NaN below 2 pairs)."""
+    if n < 2 or not np.isfinite(mean) or not np.isfinite(std):
+        return math.nan
+    if std == 0:
+        return 0.0 if mean != 0 else 1.0
+    return 2 * (1 - t_cdf(abs(mean) / (std / math.sqrt(n)), n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (NaN stays NaN): many configurations, one family of tests."""
+    p = np.asarray(p_values, dtype=float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(len(p), math.nan)
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
 
 
 def notes_for(interval: Optional[Interval], missing_baselines: int, seeds: int) -> str:
@@ -127,7 +179,7 @@ def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.
             "diff_mean", "diff_std", "ci_lo", "ci_hi", "no_baseline", "few_seeds", "contains_zero", "note"]
     diffs = paired_differences(df, metric)
     if diffs.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=cols + ["p", "p_holm"])
     g = diffs.groupby("config_id", sort=False)
     d = _intervals(g["diff"], level)
     # Baseline statistics over the paired seeds only, so both sides describe the same seeds.
@@ -144,7 +196,9 @@ def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.
     out["few_seeds"] = out["paired"] < MIN_SEEDS
     out["contains_zero"] = ~((out["ci_lo"] > 0) | (out["ci_hi"] < 0))
     out["note"] = _notes(out["paired"], out["no_baseline"], out["ci_lo"], out["ci_hi"])
-    return out[cols].reset_index(drop=True)
+    out["p"] = [paired_p_value(m, s, int(n)) for m, s, n in zip(out["diff_mean"], out["diff_std"], out["paired"])]
+    out["p_holm"] = holm(out["p"])
+    return out[cols + ["p", "p_holm"]].reset_index(drop=True)
 
 
 def grouped_paired(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc",

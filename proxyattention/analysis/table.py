@@ -85,6 +85,7 @@ def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
     run = result.get("run") or {}
     row["run.target_layer"] = run.get("target_layer")
     row["run.epochs"] = run.get("epochs")
+    row["run.steps"] = run.get("steps")  # gradient steps (absent in older results)
     row["run.device"] = run.get("device")
     device = result.get("device") or {}  # older results: only run.device and run.batch_size
     row["device.type"] = device.get("type") or str(run.get("device") or "").split(":")[0] or None
