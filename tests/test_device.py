@@ -94,3 +94,19 @@ def test_a_refused_gpu_ends_the_trial_with_exit_2_and_one_line(monkeypatch, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: GPU Tesla V100") and "sm_70" in err[0]
     assert (tmp_path / "t" / "error.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without CUDA")
+def test_cuda_without_a_gpu_fails_in_seconds_from_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "proxyattention.train", "train.device=cuda", "model=test_resnet",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env={**os.environ, "PROXYATTENTION_CACHE": str(tmp_path / "cache")}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.device=cuda" in proc.stderr
+    assert time.time() - t0 < 60
