@@ -35,8 +35,8 @@ class CellProcess:
     preexec_fn: Optional[Callable[[], None]] = None
 
     def command(self) -> list[str]:
-        # Absolute, so a later launcher from another folder recognises an orphan of this cell.
-        return [self.python or sys.executable, "-m", self.module, os.path.abspath(self.cell)]
+        # The real path, so a later launcher from another folder or sweep recognises an orphan of this cell.
+        return [self.python or sys.executable, "-m", self.module, os.path.realpath(self.cell)]
 
     def start(self, attempt: int, host: str) -> subprocess.Popen:
         """Write the attempt header to both logs and start the process in its own session."""

@@ -50,6 +50,7 @@ class LocalOptions:
     heartbeat_s: float = 10.0
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     cell_module: str = "proxyattention.cell"
+    store: Optional[str] = None  # read by the planner (launcher.plugin); here for the option check
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LocalOptions":
@@ -101,7 +102,7 @@ def _cell_process_alive(pid: int, cell: Path) -> bool:
             cmd = f.read().split(b"\0")
     except OSError:
         return False
-    return os.path.abspath(cell).encode() in cmd
+    return os.path.realpath(cell).encode() in cmd  # a stored cell has one real path, whatever sweep links it
 
 
 def stop_orphan(status: CellStatus, cell: Path) -> bool:

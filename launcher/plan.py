@@ -317,15 +317,27 @@ def snapshot_yaml(config: dict) -> str:
     return yaml.safe_dump(c, sort_keys=False, default_flow_style=False)
 
 
-def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint: str = "") -> int:
-    """Create missing cell folders with their ``config.yaml`` and record the sweep definition.
+def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint: str = "",
+                     store: Optional[Path] = None) -> int:
+    """Create missing cells with their ``config.yaml`` and record the sweep definition.
 
-    An existing snapshot is never rewritten (a queued cell keeps the config it was planned with).
-    Returns the number of new cells.
+    With a ``store``, a cell lives in ``STORE/<id>`` and the sweep folder links it as ``cells/<id>``:
+    every sweep that plans the same cell shares it — its claim, status and results — so a DONE cell is
+    never trained again for another folder or command. A cell folder already in the sweep (planned
+    without a store) stays where it is. An existing snapshot is never rewritten (a queued cell keeps the
+    config it was planned with). Returns the number of new cells.
     """
     new = 0
     for cell in plan.cells:
         d = plan.cell_dir(cell.id)
+        if store is not None and not os.path.lexists(d):
+            target = Path(store) / cell.id
+            target.mkdir(parents=True, exist_ok=True)
+            d.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.symlink(target, d, target_is_directory=True)
+            except FileExistsError:  # another launcher linked it first: the same target
+                pass
         snap = d / fileio.CONFIG
         try:
             if os.path.getsize(snap) > 0:  # empty: a write lost to a crash (no fsync): write again

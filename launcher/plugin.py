@@ -52,6 +52,7 @@ class LocalLauncherConf:
     heartbeat_s: float = 10.0  # how often a running cell's status and claim are refreshed
     stale_after_s: float = 120.0  # a claim from another host without heartbeat this long is taken over
     cell_module: str = "proxyattention.cell"  # run as `python -m <cell_module> CELL_DIR`
+    store: Optional[str] = "outputs/cells"  # the cell store every sweep links its cells from (null: none)
 
 
 @dataclass
@@ -148,7 +149,9 @@ class SweepLauncher(Launcher):
                 bar.close()
             task = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
             if not self.config.hydra.launcher.get("dry_run", False):  # a dry run writes nothing
-                new = planning.write_plan_files(plan, task, fingerprint=fp)  # type: ignore[arg-type]
+                store = self.config.hydra.launcher.get("store")
+                new = planning.write_plan_files(plan, task, fingerprint=fp,  # type: ignore[arg-type]
+                                                store=Path(store).absolute() if store else None)
             else:
                 new = 0
             log.debug("planned %d cells (%d new) in %.2fs", len(plan.cells), new, time.perf_counter() - t0)

@@ -80,6 +80,7 @@ class SlurmOptions:
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
     cell_module: str = "proxyattention.cell"  # run as `python -m <cell_module> CELL_DIR`
+    store: Optional[str] = None  # read by the planner (launcher.plugin): the cell store
 
     @property
     def wants_gpu(self) -> bool:

@@ -35,3 +35,9 @@ def _run_module(module: str, *args: str, cwd: Path, env: Optional[dict] = None, 
 def run_module() -> Callable[..., subprocess.CompletedProcess]:
     """``run_module("launcher.status", str(d), "--json", cwd=tmp_path)`` → CompletedProcess."""
     return _run_module
+
+
+@pytest.fixture(autouse=True)
+def _own_cell_store(tmp_path_factory, monkeypatch):
+    """Each test gets its own cell store (sweeps share cells through it; tests must not)."""
+    monkeypatch.setenv("PROXYATTENTION_STORE", str(tmp_path_factory.mktemp("store")))

@@ -47,11 +47,11 @@ def fake(tmp_path):
     (mod / "fake_cell.py").write_text(FAKE_CELL)
     sweep = tmp_path / "sweep"
 
-    def launch(*overrides: str, env: dict | None = None, background: bool = False):
+    def launch(*overrides: str, env: dict | None = None, background: bool = False, sweep_dir: Path = sweep):
         full = dict(os.environ, PYTHONPATH=str(mod), **(env or {}))
         full.pop("CUDA_VISIBLE_DEVICES", None)
         args = [sys.executable, "-m", "launcher", "model=test_resnet", *overrides,
-                f"hydra.sweep.dir={sweep}", "hydra.launcher.cell_module=fake_cell",
+                f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.cell_module=fake_cell",
                 "hydra.launcher.heartbeat_s=0.5", "hydra.launcher.gpus=''"]
         if background:
             return subprocess.Popen(args, cwd=tmp_path, env=full, text=True, stdout=subprocess.PIPE,
@@ -207,3 +207,30 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_done_cell_is_reused_by_another_folder_and_command(fake, tmp_path):
+    """Planned again from another sweep folder, with a harmless override and one more threshold, only
+    the new cell trains; the reused ones show as DONE with their attempts unchanged."""
+    first = fake("proxy.threshold=0.1,0.4")
+    assert first.returncode == 0, first.stdout + first.stderr
+    done = cells(fake.sweep)
+    assert len(done) == 3 and all(c["state"] == "DONE" for c in done.values())
+    other = tmp_path / "elsewhere"
+    again = fake("proxy.threshold=0.1,0.4,0.85", "train.num_threads=1", sweep_dir=other)
+    assert again.returncode == 0, again.stdout + again.stderr
+    now = cells(other)
+    assert len(now) == 4 and all(c["state"] == "DONE" for c in now.values())
+    new = set(now) - set(done)
+    assert len(new) == 1 and runs(other, new.pop()) == 1
+    for cid, c in done.items():
+        assert runs(other, cid) == 1 and now[cid]["attempts"] == c["attempts"] == 1  # not trained again
+    store = Path(os.environ["PROXYATTENTION_STORE"])
+    assert (other / "cells" / cid).resolve() == (store / cid).resolve()
+
+
+def test_cells_stay_in_the_sweep_folder_without_a_store(fake):
+    proc = fake("proxy.threshold=0.1", "hydra.launcher.store=null")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for d in (fake.sweep / "cells").iterdir():
+        assert d.is_dir() and not d.is_symlink()
