@@ -75,7 +75,10 @@ def main() -> None:
         print("python -m launcher always runs a sweep; run one trial with python -m proxyattention.train",
               file=sys.stderr)
 
-    app()
+    try:
+        app()
+    except SystemExit as e:  # Hydra exits 1 when cells are not DONE; 130 (interrupted) is kept
+        sys.exit(plugin.EXIT_CODE or e.code)
     sys.exit(plugin.EXIT_CODE)
 
 

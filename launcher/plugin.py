@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,16 @@ class CellSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         return None
 
+    def sweep(self, arguments: List[str]) -> Any:
+        """Every batch runs (a failed cell never stops the sweep); then the command fails if any cell of
+        any batch is not DONE, for every entry point (``python -m proxyattention.train -m`` too)."""
+        returns = BasicSweeper.sweep(self, arguments)
+        if EXIT_CODE:  # one line, no traceback: the summary above already lists the cells
+            print("error: not every cell of this sweep is DONE (the summary above lists them); re-issue "
+                  "the command to run only those", file=sys.stderr)
+            sys.exit(EXIT_CODE)
+        return returns
+
 
 class SweepLauncher(Launcher):
     """Plan the jobs into cells, then hand them to ``launcher.<backend>.run``."""
@@ -157,7 +168,7 @@ class SweepLauncher(Launcher):
             log.debug("planned %d cells (%d new) in %.2fs", len(plan.cells), new, time.perf_counter() - t0)
         records = [c.record for c in plan.cells]
         backend = importlib.import_module(f"launcher.{self.backend}")
-        EXIT_CODE = backend.run(sweep_dir, records, self.config.hydra.launcher)
+        EXIT_CODE = max(EXIT_CODE, backend.run(sweep_dir, records, self.config.hydra.launcher))  # all batches
         root, name = str(sweep_dir / "cells"), str(self.config.hydra.job.name)
         return [JobReturn(overrides=jobs[i], working_dir=f"{root}/{cid}", task_name=name,
                           status=JobStatus.COMPLETED, _return_value=cid)

@@ -234,3 +234,21 @@ def test_cells_stay_in_the_sweep_folder_without_a_store(fake):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for d in (fake.sweep / "cells").iterdir():
         assert d.is_dir() and not d.is_symlink()
+
+
+def test_every_entry_point_exits_non_zero_when_a_cell_fails_even_in_batches(fake, tmp_path):
+    """With hydra.sweeper.max_batch_size=1 the failed cell's batch comes first and a DONE one last:
+    every batch still runs, and the command fails (python -m launcher and python -m proxyattention.train -m)."""
+    proc = fake("proxy.threshold=0.1,0.4", "hydra.sweeper.max_batch_size=1", env={"FAKE_FAIL": "0.1"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    states = sorted(c["state"] for c in cells(fake.sweep).values())
+    assert states == ["DONE", "DONE", "FAILED"]  # the batches after the failure ran
+    assert "not every cell of this sweep is DONE" in proc.stderr
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fakecell"), FAKE_FAIL="0.85")
+    train = subprocess.run([sys.executable, "-m", "proxyattention.train", "-m", "model=test_resnet",
+                            "proxy.threshold=0.85", f"hydra.sweep.dir={tmp_path / 'via_train'}",
+                            "hydra.launcher.cell_module=fake_cell", "hydra.launcher.gpus=''"],
+                           cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert train.returncode != 0, train.stdout + train.stderr
+    ok = fake("proxy.threshold=0.4")  # all DONE: exit 0
+    assert ok.returncode == 0, ok.stdout + ok.stderr
