@@ -96,14 +96,17 @@ def quote_schedule_overrides(argv: list[str]) -> list[str]:
 
     Unquoted, Hydra reads a comma list as ambiguous (one run) or as a sweep over "20", "p" and "19"
     (multirun). A value with a ``p`` step can only be one schedule, so it is quoted for the user; to
-    sweep several schedules, quote each: ``proxy.schedule="'5,p,4','20,p,19'"``.
+    sweep several schedules, quote each: ``proxy.schedule="'5,p,4','20,p,19'"``. A list with a token
+    that is neither an epoch count nor ``p`` (``5,q,3``) is quoted too, so the error names the whole
+    schedule rather than a sweep over its pieces; a list of plain epoch counts (``2,4``) stays a sweep.
     """
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         tokens = [t.strip().lower() for t in value.split(",")]
+        one_schedule = "p" in tokens or any(not tok.isdigit() for tok in tokens)
         if (eq and key.lstrip("+~") == "proxy.schedule" and "," in value and value[:1] not in "'\"["
-                and "p" in tokens and "(" not in value):
+                and one_schedule and "(" not in value):
             arg = f"{key}='{value}'"
         out.append(arg)
     return out

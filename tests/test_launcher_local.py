@@ -39,6 +39,12 @@ json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": 0.5, "
 '''
 
 
+def default_signals() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a terminal would deliver them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.fixture
 def fake(tmp_path):
     """Run the launcher on stand-in cells: ``fake(*overrides, env=..., background=False)``."""
@@ -54,8 +60,10 @@ def fake(tmp_path):
                 f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.cell_module=fake_cell",
                 "hydra.launcher.heartbeat_s=0.5", "hydra.launcher.gpus=''"]
         if background:
+            # The test sends it SIGINT/SIGTERM: give it the default handlers whatever this process
+            # inherited (a suite started in the background of a non-interactive shell ignores SIGINT).
             return subprocess.Popen(args, cwd=tmp_path, env=full, text=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
+                                    stderr=subprocess.PIPE, preexec_fn=default_signals)
         return subprocess.run(args, cwd=tmp_path, env=full, text=True, capture_output=True, timeout=300)
 
     launch.sweep = sweep

@@ -112,6 +112,7 @@ def test_schedule_needs_no_quotes():
     ("model=resnet999", ["model/resnet999"]),
     ("proxy.treshold=0.3", ["proxy.treshold"]),
     ("proxy.threshold=0.1,1.5", ["proxy.threshold=1.5", "out of range"]),
+    ("proxy.schedule=5,q,3", ["proxy.schedule='5,q,3'", "token 'q'"]),
 ])
 def test_cli_bad_override_fails_before_any_cell(run_module, tmp_path, override, words):
     sweep = tmp_path / "sweep"

@@ -44,6 +44,9 @@ def test_schedule_overrides_need_no_quotes():
     assert quote_schedule_overrides(["proxy.schedule=20,p,19", "a=1,2", "proxy.schedule='3,p,4'",
                                      "+proxy.schedule=1,p,1"]) == [
         "proxy.schedule='20,p,19'", "a=1,2", "proxy.schedule='3,p,4'", "+proxy.schedule='1,p,1'"]
+    # A bad token makes it one (bad) schedule, named whole; plain epoch counts stay a sweep.
+    assert quote_schedule_overrides(["proxy.schedule=5,q,3", "proxy.schedule=2,4"]) == [
+        "proxy.schedule='5,q,3'", "proxy.schedule=2,4"]
 
 
 def test_p_trains_gives_the_thesis_epoch_budget():
