@@ -214,6 +214,15 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
         raise ConfigError(f"model.batch_size={c.model.batch_size} must be a positive integer")
     if not c.train.max_lr > 0:
         raise ConfigError(f"train.max_lr={c.train.max_lr} must be > 0")
+    if not 0 <= c.train.seed < 2**32:  # what numpy's and torch's generators both accept
+        raise ConfigError(f"train.seed={c.train.seed} must be an integer in [0, 2**32)")
+    for key, value in (("train.eval_batch_size", c.train.eval_batch_size), ("method.batch_size", c.method.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    if c.proxy.log_images < 0:
+        raise ConfigError(f"proxy.log_images={c.proxy.log_images} must be >= 0")
+    if c.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={c.train.weight_decay} must be >= 0")
     _choice("explain.method", c.explain.method, CAM_METHODS)
     _choice("explain.impl", c.explain.impl, CAM_IMPLS)
     for key, lo in (("images", 0), ("steps", 1), ("batch_size", 1)):

@@ -112,6 +112,16 @@ def test_a_retired_key_in_an_old_snapshot_is_dropped_and_keeps_its_id(caplog):
     assert cell_id(cfg) == cell_id(make("proxy=none"))
 
 
+@pytest.mark.parametrize("override, key", [
+    ("train.seed=-1", "train.seed"), ("train.seed=99999999999999999999", "train.seed"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"), ("method.batch_size=0", "method.batch_size"),
+    ("dataset.num_workers=-1", "dataset.num_workers"), ("train.weight_decay=-0.1", "train.weight_decay"),
+])
+def test_values_a_trial_would_refuse_are_refused_when_composed(override, key):
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        to_trial_config(make(override))
+
+
 def test_val_max_enters_an_id_only_when_set():
     assert cell_id(make("dataset.val_max=null")) == cell_id(make())
     assert cell_id(make("dataset.val_max=100")) != cell_id(make())

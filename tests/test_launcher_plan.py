@@ -113,6 +113,7 @@ def test_schedule_needs_no_quotes():
     ("proxy.treshold=0.3", ["proxy.treshold"]),
     ("proxy.threshold=0.1,1.5", ["proxy.threshold=1.5", "out of range"]),
     ("proxy.schedule=5,q,3", ["proxy.schedule='5,q,3'", "token 'q'"]),
+    ("train.seed=-1", ["train.seed=-1", "[0, 2**32)"]),
 ])
 def test_cli_bad_override_fails_before_any_cell(run_module, tmp_path, override, words):
     sweep = tmp_path / "sweep"
