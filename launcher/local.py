@@ -27,12 +27,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher import manifest
-from launcher.cellproc import CellProcess, record_end, watch
+from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
 from launcher.console import Console, fmt_acc, fmt_duration, table
 from launcher.manifest import CellRecord, Claim, Rerun
 from proxyattention import cellstate
-from proxyattention.cellstate import CellState, CellStatus, Owner, error_headline
-from proxyattention.config import REQUIRE_GPU_ENV
+from proxyattention.cellstate import (
+    REQUIRE_GPU_ENV,
+    CellState,
+    CellStatus,
+    Owner,
+    error_headline,
+)
 
 KILL_GRACE_S = 5.0
 
@@ -49,8 +54,7 @@ class LocalOptions:
     gpus: Optional[str] = None
     heartbeat_s: float = 10.0
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
-    cell_module: str = "proxyattention.cell"
-    store: Optional[str] = None  # read by the planner (launcher.plugin); here for the option check
+    cell_module: str = CELL_MODULE
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LocalOptions":

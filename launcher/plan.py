@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import manifest
 from launcher.manifest import CellRecord
 from proxyattention import cellstate, fileio, identity
-from proxyattention.config import GROUP_SCHEMAS, ConfigError, to_trial_config, validate
+from proxyattention.config import GROUP_SCHEMAS, ConfigError, spell_targets, to_trial_config, validate
 from proxyattention.schedule import ScheduleError
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class Composer:
             return None
         if any(v == _MISSING for grp in plain.values() for v in grp.values()):
             return None
+        plain = spell_targets(plain)
         try:
             validate(_View(plain))  # type: ignore[arg-type]
         except ConfigError as e:

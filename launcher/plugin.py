@@ -33,6 +33,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.cellproc import CELL_MODULE
+
 log = logging.getLogger(__name__)
 
 # The exit code of the last launch; ``python -m launcher`` exits with it (Hydra itself returns None).
@@ -52,7 +54,7 @@ class LocalLauncherConf:
     gpus: Optional[str] = None  # "0,1": GPUs to use; null: CUDA_VISIBLE_DEVICES, else nvidia-smi -L
     heartbeat_s: float = 10.0  # how often a running cell's status and claim are refreshed
     stale_after_s: float = 120.0  # a claim from another host without heartbeat this long is taken over
-    cell_module: str = "proxyattention.cell"  # run as `python -m <cell_module> CELL_DIR`
+    cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = "outputs/cells"  # the cell store every sweep links its cells from (null: none)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher import manifest
+from launcher.cellproc import CELL_MODULE
 from launcher.manifest import CellRecord, Claim, Rerun
 from launcher.slurm_state import (
     LIVE,
@@ -79,7 +80,7 @@ class SlurmOptions:
     heartbeat_s: float = 30.0
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
-    cell_module: str = "proxyattention.cell"  # run as `python -m <cell_module> CELL_DIR`
+    cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = None  # read by the planner (launcher.plugin): the cell store
 
     @property

@@ -39,8 +39,7 @@ from launcher import manifest
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
 from launcher.manifest import Claim
 from proxyattention import cellstate
-from proxyattention.cellstate import CellState, CellStatus, Owner
-from proxyattention.config import REQUIRE_GPU_ENV
+from proxyattention.cellstate import REQUIRE_GPU_ENV, CellState, CellStatus, Owner
 
 
 class CellFailedError(RuntimeError):

@@ -29,6 +29,9 @@ STATUS = "status.json"
 DEFAULT_STALE_AFTER_S = 120.0
 
 HOST = socket.gethostname()
+# Set by the launcher for a cell that asked for a GPU (a GPU Slurm profile, or a local cell pinned to a
+# GPU); read by the trial (proxyattention.device): such a cell never falls back to the CPU.
+REQUIRE_GPU_ENV = "PROXYATTENTION_REQUIRE_GPU"
 
 class CellState(str, enum.Enum):
     """Where a cell stands. The value is the name, so ``status.json`` reads ``"state": "DONE"``."""

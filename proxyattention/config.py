@@ -38,8 +38,6 @@ EXPLAIN_FILLS = ("black", "mean")
 # Keys that left the schema: dropped (with a warning) from older snapshots so their cells still run.
 RETIRED_KEYS = {"train.lr": "it had no effect: OneCycleLR starts at train.max_lr / 25"}
 DATASET_SOURCES = tuple(SOURCES)
-# Set by GPU launcher profiles: a cell must train on a GPU, never fall back to the CPU.
-REQUIRE_GPU_ENV = "PROXYATTENTION_REQUIRE_GPU"
 IN_MEMORY = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -233,6 +231,17 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
                           "(model.weights=PATH loads a local file, model.pretrained downloads timm's)")
 
 
+def spell_targets(plain: dict) -> dict:
+    """``proxy.target=true`` / ``explain.target=true`` on a command line arrive as a YAML boolean (or,
+    through a str-typed schema, as ``"True"``): the value meant is the word ``true``. Every path from
+    overrides to a trial config (this module's :func:`to_trial_config`, the planner's shortcut) calls this."""
+    out = dict(plain)
+    for group in ("proxy", "explain"):
+        if isinstance(out.get(group), dict) and out[group].get("target") in (True, "True"):
+            out[group] = {**out[group], "target": "true"}
+    return out
+
+
 def to_trial_config(cfg: DictConfig | dict) -> DictConfig:
     """Merge a plain config (e.g. a cell's ``config.yaml`` snapshot) onto the schema and validate it.
 
@@ -241,9 +250,7 @@ def to_trial_config(cfg: DictConfig | dict) -> DictConfig:
     """
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     plain = {k: v for k, v in plain.items() if k in GROUP_SCHEMAS}
-    for group in ("proxy", "explain"):  # `target=true` on a command line arrives as a YAML boolean
-        if isinstance(plain.get(group), dict) and plain[group].get("target") in (True, "True"):
-            plain[group] = {**plain[group], "target": "true"}
+    plain = spell_targets(plain)
     for key, why in RETIRED_KEYS.items():
         group, name = key.split(".")
         if isinstance(plain.get(group), dict) and name in plain[group]:

@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from proxyattention.config import REQUIRE_GPU_ENV, ConfigError
+from proxyattention.cellstate import REQUIRE_GPU_ENV
+from proxyattention.config import ConfigError
 
 log = logging.getLogger(__name__)
 

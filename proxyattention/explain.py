@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from proxyattention.config import EXPLAIN_FILLS
 from proxyattention.data.transforms import normalize, to_float
 
 log = logging.getLogger(__name__)
 
 Preprocess = Callable[[Tensor], Tensor]
-FILLS = ("black", "mean")
 
 # RISE's insertion baseline: a Gaussian blur with an 11-pixel kernel and sigma 5 (their 224-px setting).
 BLUR_KERNEL = 11
@@ -77,7 +77,7 @@ def masked(x: Tensor, keep: Tensor, preprocess: Preprocess, fill: str) -> Tensor
         return preprocess(x * keep)
     if fill == "mean":
         return preprocess(x) * keep
-    raise ValueError(f"explain.fill={fill!r} is not one of: {', '.join(FILLS)}")
+    raise ValueError(f"explain.fill={fill!r} is not one of: {', '.join(EXPLAIN_FILLS)}")
 
 
 def confidences(model: torch.nn.Module, images: Tensor, labels: Tensor, saliency: Tensor,
@@ -243,7 +243,7 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
     prediction on the clean image, or the true label) with ``cfg.explain.method``, which should differ
     from the training method (DESIGN.md); the model's mode and gradients are left as they were.
     """
-    from proxyattention.cam import compute_cams
+    from proxyattention.cam import explain_batch
 
     e = cfg.explain
     if e.method == cfg.method.name and cfg.proxy.enabled:
@@ -253,13 +253,13 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
     images, classes, maps = [], [], []
     for _, imgs, y in bank.batches(idx, int(e.batch_size)):
         x = to_float(imgs)
-        if e.target == "predicted":
-            with _EvalMode(model):
-                y = model(normalize(x)).argmax(1)
-        maps.append(compute_cams(model, normalize(x), y, e.method, target_layer, impl=e.impl,
-                                 batch_size=int(e.batch_size)).float())
+        # explain.target=predicted: the CAM call explains, and reports, the class the model predicts (read
+        # off its own eval-mode forward pass on the native path).
+        out = explain_batch(model, normalize(x), None if e.target == "predicted" else y, e.method,
+                            target_layer, impl=e.impl, batch_size=int(e.batch_size), with_predicted=True)
+        maps.append(out.maps.float())
         images.append(x)
-        classes.append(y)
+        classes.append(out.predicted if e.target == "predicted" else y)
     x, y, s = torch.cat(images), torch.cat(classes), torch.cat(maps)
     m = None if masks is None else masks_at(masks, idx, x.shape[-2:]).to(x.device)
     return explanation_metrics(model, x, y, s, m, steps=int(e.steps), batch_size=int(e.batch_size),

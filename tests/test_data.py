@@ -211,3 +211,13 @@ def test_normalisation_constants_are_made_once_per_device():
     assert _mean_std(x.device, x.dtype)[0] is _mean_std(x.device, x.dtype)[0]
     expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     assert torch.allclose(normalize(x), expected)
+
+
+def test_training_input_is_augment_then_normalise_in_fewer_passes():
+    from proxyattention.data.transforms import normalize, to_float, training_input
+
+    x = (torch.rand(32, 3, 24, 24) * 255).to(torch.uint8)
+    expected = normalize(augment(to_float(x), torch.Generator().manual_seed(4)))
+    got = training_input(x, torch.Generator().manual_seed(4))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, normalize(to_float(x)))  # something was flipped or rotated

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from proxyattention import device as dev
-from proxyattention.config import REQUIRE_GPU_ENV, ConfigError
+from proxyattention.cellstate import REQUIRE_GPU_ENV
+from proxyattention.config import ConfigError
 
 CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 CUDA126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]

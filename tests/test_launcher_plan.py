@@ -63,6 +63,17 @@ def test_planning_shortcut_gives_hydras_configs_and_ids(composer_fn, tmp_path):
     assert by_id[plan.job_cells[-1]].config["proxy"]["weight"] == 1.0  # coerced as OmegaConf does
 
 
+def test_target_true_is_the_word_on_both_planning_paths(composer_fn, tmp_path):
+    """`explain.target=true` arrives as a YAML boolean: the shortcut and Hydra's path both spell it."""
+    jobs = grid(**{"explain.target": ["true"], "proxy.target": ["true", "predicted"]})
+    plan = plan_sweep(jobs, composer_fn, tmp_path)
+    reference = Composer(composer_fn, fast=False)
+    for job, cid in zip(jobs, plan.job_cells):
+        config = {c.id: c for c in plan.cells}[cid].config
+        assert config["explain"]["target"] == "true" and config == reference.trial(job)
+        assert cell_id(OmegaConf.create(config)) == cid
+
+
 @pytest.mark.parametrize("override, words", [
     ("model=resnet999", ["model=resnet999", "Could not find 'model/resnet999'"]),
     ("proxy.treshold=0.3", ["proxy.treshold"]),

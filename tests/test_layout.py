@@ -117,3 +117,14 @@ def test_the_data_package_reads_its_sources_from_one_table():
     assert DATASET_SOURCES == tuple(SOURCES)
     rooted = {n for n, s in SOURCES.items() if s.needs_root}
     assert rooted == {"imagefolder", "cifar100", "caltech101", "places365"}
+
+
+def test_a_slurm_job_unpickles_without_heavy_imports():
+    """The node imports launcher.slurm_job to unpickle a job: no torch, numpy, omegaconf or submitit."""
+    import subprocess
+    import sys
+
+    code = ("import sys, launcher.slurm_job; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'numpy', 'omegaconf', 'submitit')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from proxyattention.data.samples import DataError, Samples
+from proxyattention.data.transforms import to_device
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def open_rgb(path: str) -> Image.Image:
                         "(`python -m proxyattention.data verify ROOT` lists every unreadable file)") from None
 
 
+def _shrinks(images: Tensor, size: int) -> bool:
+    """Antialias only when shrinking: enlarging samples between pixels, where there is nothing to filter."""
+    return images.shape[-1] > size or images.shape[-2] > size
+
+
 def decode_resized(path: str, size: int) -> Tensor:
     """(3, size, size) uint8 tensor of the image at ``path``: decoded by Pillow, resized by torch.
 
@@ -57,9 +63,8 @@ def decode_resized(path: str, size: int) -> Tensor:
     x = torch.from_numpy(np.array(open_rgb(path), dtype=np.uint8)).permute(2, 0, 1)
     if x.shape[-2:] == (size, size):
         return x.contiguous()
-    shrink = x.shape[-1] > size or x.shape[-2] > size
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=shrink)[0]
+                         antialias=_shrinks(x, size))[0]
 
 
 def resize_batch(images: Tensor, size: int) -> Tensor:
@@ -70,8 +75,8 @@ def resize_batch(images: Tensor, size: int) -> Tensor:
     """
     if images.shape[-2:] == (size, size):
         return images.contiguous()
-    shrink = images.shape[-1] > size or images.shape[-2] > size
-    y = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    y = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=_shrinks(images, size))
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -114,13 +119,6 @@ def memory_budget(device: torch.device, max_memory_mb: Optional[int]) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return min(free // 4, cap) if cap is not None else free // 4
     return cap if cap is not None else 2 * 2**30
-
-
-def _pinned(x: Tensor, device: torch.device) -> Tensor:
-    """``x`` on ``device`` without waiting: through pinned memory when copying to a GPU."""
-    if device.type != "cuda" or x.device.type == "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 class _PathDataset(torch.utils.data.Dataset):
@@ -208,7 +206,7 @@ class ImageBank:
         if self.images is not None:
             return resize_batch(self.images[idx_d], self.size)  # "device": already at size
         rows = self.host[idx_cpu if idx_cpu is not None else idx_d.cpu()]
-        return resize_batch(_pinned(rows, self.device).permute(0, 3, 1, 2), self.size)
+        return resize_batch(to_device(rows, self.device).permute(0, 3, 1, 2), self.size)
 
     def get(self, indices: Tensor) -> Tensor:
         """Un-augmented uint8 images (len, 3, S, S) on the device for ``indices`` (long, any device)."""
@@ -221,10 +219,10 @@ class ImageBank:
         """(indices, uint8 images, labels) on the device, in ``order`` (a CPU long tensor)."""
         if self.mode != "files":
             for idx in order.split(batch_size):
-                idx_d = _pinned(idx, self.device)
+                idx_d = to_device(idx, self.device)
                 yield idx_d, self._from_arrays(idx_d, idx), self.labels[idx_d]
             return
         plan = [chunk.tolist() for chunk in order.split(batch_size)]
         for idx, imgs in self._loader_for(plan):
-            idx_d = _pinned(idx, self.device)
+            idx_d = to_device(idx, self.device)
             yield idx_d, imgs.to(self.device, non_blocking=True), self.labels[idx_d]

@@ -38,9 +38,11 @@ def to_float(images: Tensor) -> Tensor:
     return images.float().div_(255.0)
 
 
-def _to(x: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor on ``device`` without blocking the host (pinned copy to a GPU)."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device`` without blocking the host: a CPU tensor goes to a GPU through pinned memory."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _draw(n: int, generator: torch.Generator, max_degrees: float, p_flip: float,
@@ -89,8 +91,8 @@ def augment(images: Tensor, generator: torch.Generator, max_degrees: float = 10.
     """
     device = images.device
     flip, sel, theta = _draw(images.shape[0], generator, max_degrees, p_flip, p_rotate)
-    images = torch.where(_to(flip, device)[:, None, None, None], images.flip(-1), images)
-    return _rotate_(images, _to(sel, device), _to(theta, device)) if len(sel) else images
+    images = torch.where(to_device(flip, device)[:, None, None, None], images.flip(-1), images)
+    return _rotate_(images, to_device(sel, device), to_device(theta, device)) if len(sel) else images
 
 
 def training_input(images: Tensor, generator: torch.Generator, max_degrees: float = 10.0,
@@ -107,9 +109,9 @@ def training_input(images: Tensor, generator: torch.Generator, max_degrees: floa
     x = images.float()
     fidx = flip.nonzero().squeeze(1)
     if len(fidx):
-        fidx = _to(fidx, device)
+        fidx = to_device(fidx, device)
         x[fidx] = x[fidx].flip(-1)
     if len(sel):
-        _rotate_(x, _to(sel, device), _to(theta, device))
+        _rotate_(x, to_device(sel, device), to_device(theta, device))
     scale, offset = _scale_offset(device)
     return torch.addcmul(offset, x, scale, out=x)
