@@ -16,11 +16,11 @@ Exit code: 0 when every cell of the sweep is DONE, 1 otherwise, 130 when interru
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from proxyattention.paths import conf_dir
 from proxyattention.schedule import quote_schedule_overrides
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(conf_dir())
 _NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
                    "--cfg", "-c")
 
@@ -28,7 +28,7 @@ _NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-complet
 # Hydra's flags that take a value (argparse reads overrides as one positional run, so an added override
 # must join the others rather than follow a flag's value).
 _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc")
+                "--config-dir", "-cd", "--experimental-rerun")  # --shell-completion is a switch
 
 
 def with_override(argv: list[str], override: str) -> list[str]:

@@ -549,9 +549,9 @@ def _main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    from proxyattention.paths import conf_dir
 
-    @hydra.main(config_path=conf_dir, config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
         code = run_trial(cfg, HydraConfig.get().runtime.output_dir)
         if code:

@@ -6,22 +6,18 @@ thin subclasses of :mod:`launcher.plugin`; planning and running are imported whe
 - ``LocalLauncher`` (``hydra/launcher=local``) runs cells as local subprocesses (launcher.local);
 - ``SlurmLauncher`` hands them to ``launcher.slurm`` (its ``run(sweep_dir, records, launcher_cfg)``);
 - ``CellSweeper`` (``hydra/sweeper=cells``) is Hydra's BasicSweeper without double composition;
-- ``SavedSweeps`` puts the repository's ``sweeps/`` folder on the config search path, so a saved
-  sweep ``sweeps/sweep/<name>.yaml`` runs as ``python -m launcher -m +sweep=<name>``.
+- ``SavedSweeps`` puts the saved sweeps (the repository's ``sweeps/``, or their installed copy) on the
+  config search path, so a saved sweep ``sweeps/sweep/<name>.yaml`` runs as ``python -m launcher -m
+  +sweep=<name>``.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from launcher import plugin as _plugin
-
-_REPO = Path(__file__).resolve().parents[2]
-_SWEEPS = _REPO / "sweeps"
-_CONF = _REPO / "conf"
+from proxyattention import paths
 
 
 class LocalLauncher(_plugin.SweepLauncher):
@@ -37,11 +33,17 @@ class CellSweeper(_plugin.CellSweeper):
 
 
 class SavedSweeps(SearchPathPlugin):
+    """Appends the saved sweeps (:func:`proxyattention.paths.sweeps_dir`) to the search path of the
+    apps composing this project's config folder (a clone's ``conf/`` or the installed copy)."""
+
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        # Only for apps composing this repository's conf/ (the launcher and the trial entry point).
-        ours = any(str(e.path).rstrip("/").endswith(str(_CONF)) for e in search_path.get_path())
-        if ours and _SWEEPS.is_dir():
-            search_path.append(provider="proxyattention-sweeps", path=f"file://{_SWEEPS}")
+        try:  # runs in every Hydra app of the environment: never fail one that is not ours
+            conf, sweeps = str(paths.conf_dir()), paths.sweeps_dir()
+        except FileNotFoundError:
+            return
+        ours = any(str(e.path).rstrip("/").endswith(conf) for e in search_path.get_path())
+        if ours:
+            search_path.append(provider="proxyattention-sweeps", path=f"file://{sweeps}")
 
 
 _plugin.register_configs()

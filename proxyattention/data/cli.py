@@ -27,7 +27,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -44,6 +43,7 @@ from proxyattention.data.manifest import (
 from proxyattention.data.registry import source
 from proxyattention.data.samples import DataError, scan_folder
 from proxyattention.data.split import make_split
+from proxyattention.paths import conf_dir
 
 # Folder datasets of the thesis: where to get them and which folder dataset.root must name.
 FOLDER_DATASETS: dict[str, tuple[str, str]] = {
@@ -72,12 +72,6 @@ FOLDER_DATASETS: dict[str, tuple[str, str]] = {
 
 
 # ------------------------------------------------------------------------------------------ configs
-
-def conf_dir() -> Path:
-    """The repository's ``conf/`` (the package is installed editable, next to it)."""
-    here = Path(__file__).resolve().parent.parent / "conf"
-    return here if here.is_dir() else Path.cwd() / "conf"
-
 
 def dataset_names() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))
