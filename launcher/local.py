@@ -9,7 +9,9 @@ a timeout or Ctrl-C kills it and everything it started, and GPU memory is freed 
 This process owns the claim of every cell it runs and is the only writer of their ``status.json``.
 Cells claimed by another live launcher are waited on, not run twice; a claim left by a dead process
 is taken over, and a cell process it left behind (orphaned by ``kill -9`` of its launcher) is killed
-first, so the rerun is the only process working in that folder.
+first, so the rerun is the only process working in that folder. Cells whose Slurm job is queued or
+running are skipped, not waited for (their job runs them; they count as not DONE in the exit code):
+Slurm is asked once, for the cells whose status names a Slurm job, and not at all when none does.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from proxyattention.cellstate import (
 )
 
 KILL_GRACE_S = 5.0
+SLURM_LINES = 20  # cells left to their Slurm job: one line each up to this many, then a count
 
 
 @dataclass
@@ -218,18 +221,40 @@ class LocalRunner:
         self.console.cell(cid, status.state, (note + " " + detail).strip())
         self.console.advance()
 
+    def _leave_to_slurm(self, selected: list[str]) -> tuple[list[str], int]:
+        """Drop the selected cells whose Slurm job is queued or running (their job runs them), saying so.
+
+        Returns the rest and how many were dropped; asks Slurm only if a status names a Slurm job.
+        """
+        from launcher.slurm_state import in_slurm
+
+        owned = in_slurm(self.sweep_dir, {cid: self.statuses[cid] for cid in selected
+                                          if self.statuses[cid].backend == "slurm"})
+        for n, (cid, status) in enumerate(owned.items()):
+            self.statuses[cid] = status
+            if n < SLURM_LINES:
+                where = "running" if status.state == CellState.RUNNING else "queued"
+                self.console.say(f"cell {cid} is {where} in Slurm as job {status.job_id}; skipped")
+        if len(owned) > SLURM_LINES:
+            self.console.say(f"… and {len(owned) - SLURM_LINES} more cells queued or running in Slurm; skipped "
+                             f"(python -m launcher.status {self.sweep_dir})")
+        return [cid for cid in selected if cid not in owned], len(owned)
+
     # -- the pool
     def run(self) -> int:
         ids = [r.id for r in self.records]
         for cid in ids:
             self.statuses[cid] = self._status(cid)
         selected = [cid for cid in ids if self.rerun.wants(self.statuses[cid].state)]
+        selected, in_slurm = self._leave_to_slurm(selected)
         if self.opts.dry_run:
             return self._dry_run(selected)
         if not selected:
             n_done = sum(s.state == CellState.DONE for s in self.statuses.values())
             if n_done == len(ids):
                 self.console.say(f"All {len(ids)} cells are DONE; nothing to run.")
+            elif in_slurm:
+                self.console.say(f"Nothing to run here: {in_slurm} cells are queued or running in Slurm.")
             else:
                 self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to run.")
             return self._finish()
@@ -276,7 +301,9 @@ class LocalRunner:
                 status = self._status(cid)  # re-read under the claim
                 ran_elsewhere = (status.attempts > self.statuses[cid].attempts and status.state.finished
                                  and not status.interrupted)
-                if ran_elsewhere or not self.rerun.wants(status.state):
+                submitted_since = (status.backend == "slurm" and not status.state.finished
+                                   and status.job_id != self.statuses[cid].job_id)  # a Slurm job runs it
+                if ran_elsewhere or submitted_since or not self.rerun.wants(status.state):
                     # Another launcher ran it since this launch looked: never run a cell twice.
                     claim.release()
                     waiting.pop(cid, None)

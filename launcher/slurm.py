@@ -8,13 +8,33 @@
 2. claims each selected cell (the manifest's exclusive claim files: of two launchers issued at once,
    one gets each cell) and, under the claim, skips a cell that is DONE or whose latest job is still
    queued or running — never a second copy of a live job;
-3. submits the rest as job arrays, chunked below the cluster's ``MaxArraySize``, each with
-   ``%array_parallelism``; each task runs :class:`launcher.slurm_job.CellJob` on its node;
-4. writes each cell's ``slurm.json`` (job id, log files) and a PENDING ``status.json`` naming the job,
-   releases the claims (the job claims the cell when it starts), prints the job ids and returns.
+3. submits the rest as job arrays laid out in *lanes* (below), each array below the cluster's
+   ``MaxArraySize``; each task runs :class:`launcher.slurm_job.CellJob` on its node;
+4. right after each array's ``sbatch``, writes its cells' ``slurm.json`` (job id, log files) and a
+   PENDING ``status.json`` naming the job, and releases their claims (the job claims its cell when it
+   starts, so a task that starts at once never waits for the later arrays); prints the job ids, returns.
 
 Nothing stays alive on the login node. ``python -m launcher.status SWEEP_DIR`` shows what Slurm says.
 The options are :class:`SlurmOptions` (``hydra.launcher.*``, profiles in ``conf/hydra/launcher/``).
+
+**The cap.** ``array_parallelism`` bounds the cells of one submit command running at once, over all its
+arrays. Slurm throttles only inside an array (``--array=…%N``) and no daemon is left to hand slots from
+one array to the next, so the cap's slots are split into *lanes* (:func:`array_layout`): ``L`` lanes, the
+fewest (at most the cap) whose shares fit one array each, lane ``l`` owning ``p_l`` slots, ``Σ p_l =
+cap``. Cell ``i`` of the submission goes to the lane owning slot ``i mod cap``, so every lane gets a
+share proportional to its slots and the same mix of the grid. A lane's cells are one array with
+``%p_l``, or — only when the cap is smaller than the number of arrays the sweep needs — several arrays,
+each ``--dependency=afterany:`` the lane's previous one. One array per lane runs at a time, so at most
+``Σ p_l = cap`` cells run; a sweep that fits one array is one array with ``%cap``, as before.
+Why this layout: inside a lane Slurm refills a slot the moment a cell ends, whatever the cells'
+durations, and lanes never wait for each other (a long or requeued cell holds only its own slot).
+Splitting the cap over contiguous chunks (``cap // A`` each) loses slots to rounding and cannot go below
+one slot per array; chaining whole arrays one after another makes every boundary a barrier for all
+slots. The cost that remains: a lane that ends first leaves its slots idle for the rest of the sweep
+(the lanes hold equal mixes, so this is the spread of the last cells' end times), and a chained
+lane idles while its array's last cells finish. The cap holds per submit command (the batches of one
+command continue the same lanes); a re-issue while earlier arrays still run submits only cells that
+are neither DONE nor queued, under a cap of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +54,7 @@ from launcher.slurm_state import (
     LIVE,
     SlurmRecord,
     job_states,
+    live_arrays,
     read_record,
     refresh_status,
     write_record,
@@ -42,7 +63,7 @@ from proxyattention import cellstate
 from proxyattention.cellstate import CellState, CellStatus, Owner
 
 __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refresh_status",
-           "sbatch_parameters", "sbatch_script", "max_array_size"]
+           "sbatch_parameters", "sbatch_script", "max_array_size", "array_layout", "ArrayPlan"]
 
 SUBMITIT_DIR = "slurm"  # SWEEP_DIR/slurm: submitit's sbatch scripts, pickles and per-job logs
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default when `scontrol show config` cannot be read
@@ -68,7 +89,7 @@ class SlurmOptions:
     constraint: Optional[str] = None
     exclude: Optional[str] = None
     job_name: str = "proxyattention"
-    array_parallelism: int = 64  # at most this many tasks of one array run at once (`%N`)
+    array_parallelism: int = 64  # at most this many cells of one submit run at once, over all its arrays
     max_array_size: Optional[int] = None  # null: the cluster's MaxArraySize (scontrol show config)
     requeue: bool = True  # at the time limit or preemption: checkpoint, requeue, resume
     max_requeues: int = 3  # time-limit requeues per job before the cell is TIMEOUT
@@ -131,8 +152,12 @@ def register_configs() -> None:
 # sbatch
 
 
-def sbatch_parameters(opts: SlurmOptions) -> dict:
-    """The parameters of submitit's ``SlurmExecutor.update_parameters`` for one cell's job."""
+def sbatch_parameters(opts: SlurmOptions, parallelism: Optional[int] = None, after: Optional[str] = None) -> dict:
+    """The parameters of submitit's ``SlurmExecutor.update_parameters`` for one array of cells.
+
+    ``parallelism``: the array's ``%N`` (default: the whole cap); ``after``: the job id of the array it
+    waits for (``--dependency=afterany:``, added to a dependency of ``additional_parameters``).
+    """
     params: dict[str, Any] = {
         "job_name": opts.job_name,
         "time": int(opts.timeout_min),
@@ -140,7 +165,7 @@ def sbatch_parameters(opts: SlurmOptions) -> dict:
         "ntasks_per_node": 1,
         "cpus_per_task": int(opts.cpus_per_task),
         "signal_delay_s": int(opts.signal_delay_s),
-        "array_parallelism": int(opts.array_parallelism),
+        "array_parallelism": int(parallelism or opts.array_parallelism),
     }
     optional = {"partition": opts.partition, "account": opts.account, "qos": opts.qos, "gres": opts.gres,
                 "gpus_per_node": opts.gpus_per_node, "constraint": opts.constraint, "exclude": opts.exclude}
@@ -154,20 +179,22 @@ def sbatch_parameters(opts: SlurmOptions) -> dict:
     extra = dict(opts.additional_parameters)
     if opts.requeue:
         extra.setdefault("requeue", True)  # allowed to be requeued even where JobRequeue=0
-    if extra:
-        params["additional_parameters"] = extra
+    if after is not None:
+        extra["dependency"] = ",".join(d for d in (extra.get("dependency"), f"afterany:{after}") if d)
+    params["additional_parameters"] = extra  # always: an executor reused for the next array keeps no stale one
     if opts.srun_args:
         params["srun_args"] = list(opts.srun_args)
     return params
 
 
-def sbatch_script(opts: SlurmOptions, folder: Path, map_count: Optional[int] = None,
-                  python: str = "python") -> str:
+def sbatch_script(opts: SlurmOptions, folder: Path, map_count: Optional[int] = None, python: str = "python",
+                  parallelism: Optional[int] = None, after: Optional[str] = None) -> str:
     """The sbatch script submitit writes for these options (an array of ``map_count`` cells)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{python} -u -m submitit.core._submit {folder}"
-    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **sbatch_parameters(opts))
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count,
+                               **sbatch_parameters(opts, parallelism, after))
 
 
 def max_array_size() -> int:
@@ -182,6 +209,84 @@ def max_array_size() -> int:
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layout: lanes of arrays under one cap (see the module docstring)
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """One array of a submission: its cells (positions in the submitted list), its ``%N``, its lane,
+    and the array it waits for (``afterany``; an index into the layout, None: it may start at once)."""
+
+    lane: int
+    cells: tuple[int, ...]
+    parallelism: int
+    after: Optional[int] = None
+
+
+def lane_slots(cap: int, lanes: int) -> list[int]:
+    """The cap's slots dealt to ``lanes`` lanes as evenly as possible; they sum to ``cap``."""
+    return [cap // lanes + (1 if lane < cap % lanes else 0) for lane in range(lanes)]
+
+
+def lane_sizes(n_cells: int, cap: int, lanes: int) -> list[int]:
+    """How many of ``n_cells`` cells each lane gets when cell ``i`` goes to the lane owning slot ``i mod cap``."""
+    sizes, slot = [], 0
+    for p in lane_slots(cap, lanes):
+        sizes.append(sum(n_cells // cap + (1 if s < n_cells % cap else 0) for s in range(slot, slot + p)))
+        slot += p
+    return sizes
+
+
+def lane_count(n_cells: int, cap: int, max_size: int) -> int:
+    """The fewest lanes (at most ``cap``) whose shares of ``n_cells`` fit one array of ``max_size`` each."""
+    if n_cells == 0:
+        return 0
+    for lanes in range(min(cap, -(-n_cells // max_size)), cap + 1):
+        if max(lane_sizes(n_cells, cap, lanes)) <= max_size:
+            return lanes
+    return cap
+
+
+def array_layout(n_cells: int, cap: int, max_size: int, lanes: Optional[int] = None) -> list[ArrayPlan]:
+    """The arrays that run ``n_cells`` cells with at most ``cap`` at once, each at most ``max_size`` long.
+
+    ``lanes``: keep this many lanes (a later batch of the same command continues the earlier lanes);
+    default :func:`lane_count`. Arrays come in submission order: each after the one it waits for.
+    """
+    if n_cells == 0:
+        return []
+    lanes = min(lanes or lane_count(n_cells, cap, max_size), cap)
+    slots = lane_slots(cap, lanes)
+    slot_lane = [lane for lane, p in enumerate(slots) for _ in range(p)]
+    members: list[list[int]] = [[] for _ in range(lanes)]
+    for i in range(n_cells):
+        members[slot_lane[i % cap]].append(i)
+    per_lane = [chunks(m, max_size) for m in members]
+    layout: list[ArrayPlan] = []
+    previous: list[Optional[int]] = [None] * lanes
+    for round_ in range(max(len(c) for c in per_lane)):
+        for lane, parts in enumerate(per_lane):
+            if round_ < len(parts):
+                layout.append(ArrayPlan(lane, tuple(parts[round_]), slots[lane], previous[lane]))
+                previous[lane] = len(layout) - 1
+    return layout
+
+
+def describe_layout(layout: list[ArrayPlan]) -> str:
+    """One line per lane: its arrays' sizes and ``%N``, in the order they run."""
+    lanes: dict[int, list[str]] = {}
+    for a in layout:
+        lanes.setdefault(a.lane, []).append(f"({len(a.cells)} cell{'s' if len(a.cells) > 1 else ''}, "
+                                            f"%{a.parallelism})")
+    return "\n".join(f"  lane {lane + 1}: " + " then ".join(arrays) for lane, arrays in sorted(lanes.items()))
+
+
+# The lanes each submit command left, per (sweep folder, cap): the last array of every lane. A later
+# batch of the same command (a batching sweeper) continues them, so the cap holds over its batches.
+_LANE_TAILS: dict[tuple[str, int], list[Optional[str]]] = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,6 +310,7 @@ class SlurmSubmitter:
         self.console = console or Console(records)
         self.owner = Owner.this_process(backend="slurm")
         self.folder = self.sweep_dir / SUBMITIT_DIR
+        self.arrays: list[tuple[str, ArrayPlan]] = []  # (job id, plan) of every array submitted
 
     def dir(self, cid: str) -> Path:
         return cellstate.cell_dir(self.sweep_dir, cid)
@@ -231,7 +337,7 @@ class SlurmSubmitter:
         try:
             jobs = self._submit(claims) if claims else {}
         finally:
-            for claim in claims.values():
+            for claim in claims.values():  # the cells not submitted (sbatch refused); the rest are released
                 claim.release()
         return self._report(ids, selected, jobs)
 
@@ -272,7 +378,10 @@ class SlurmSubmitter:
         return ex
 
     def _submit(self, claims: dict[str, Claim]) -> dict[str, str]:
-        """Submit the claimed cells; return ``{cell_id: job_id}``. Called while holding their claims."""
+        """Submit the claimed cells array by array (:func:`array_layout`); return ``{cell_id: job_id}``.
+
+        Each array's claims are released (and popped from ``claims``) as soon as its records are written.
+        """
         from launcher.slurm_job import CellJob
 
         ex = self._executor()
@@ -281,15 +390,22 @@ class SlurmSubmitter:
                 moved = manifest.move_aside(self.dir(cid))
                 if moved is not None:
                     self.console.say(f"          {cid}  earlier results moved to {moved}")
-        size = self.opts.max_array_size or max_array_size()
+        cap = int(self.opts.array_parallelism)
         ids = list(claims)
+        tails = self._open_lanes(cap)
+        layout = array_layout(len(ids), cap, self.opts.max_array_size or max_array_size(),
+                              lanes=len(tails) if tails else None)
+        tails = tails or [None] * (max(a.lane for a in layout) + 1)
         jobs: dict[str, str] = {}
-        for part in chunks(ids, size):
+        for plan in layout:
+            part = [ids[i] for i in plan.cells]
+            after = self.arrays[plan.after][0] if plan.after is not None else tails[plan.lane]
             tasks = [CellJob(cell_dir=str(self.dir(cid).resolve()), requeue=self.opts.requeue,
                              heartbeat_s=self.opts.heartbeat_s, claim_wait_s=self.opts.claim_wait_s,
                              python=self.opts.python or "", cell_module=self.opts.cell_module,
                              require_gpu=self.opts.wants_gpu) for cid in part]
             try:
+                ex.update_parameters(**sbatch_parameters(self.opts, plan.parallelism, after))
                 with ex.batch():
                     submitted = [ex.submit(t) for t in tasks]
             except Exception as e:  # submitit raises its own errors with sbatch's message
@@ -303,7 +419,20 @@ class SlurmSubmitter:
             for cid, job in zip(part, submitted):
                 self._record(cid, job, now)
                 jobs[cid] = job.job_id
+                claims.pop(cid).release()  # the job may start now: it claims the cell itself
+            array_id = submitted[0].job_id.split("_", 1)[0]
+            self.arrays.append((array_id, plan))
+            tails[plan.lane] = array_id
+            _LANE_TAILS[(str(self.sweep_dir.resolve()), cap)] = tails
         return jobs
+
+    def _open_lanes(self, cap: int) -> Optional[list[Optional[str]]]:
+        """The lanes an earlier batch of this command left under the same cap, if any of them still runs."""
+        tails = _LANE_TAILS.get((str(self.sweep_dir.resolve()), cap))
+        if not tails:
+            return None
+        live = live_arrays(t for t in tails if t is not None)
+        return [t if t in live else None for t in tails] if live else None
 
     def _record(self, cid: str, job: Any, now: float) -> None:
         """Write ``slurm.json`` and a PENDING ``status.json`` naming the job (we hold the claim)."""
@@ -323,13 +452,15 @@ class SlurmSubmitter:
     def _report(self, ids: list[str], selected: list[str], jobs: dict[str, str]) -> int:
         for cid, jid in jobs.items():
             self.console.cell(cid, CellState.PENDING, f"(submitted as job {jid})")
-        arrays: dict[str, list[str]] = {}
-        for jid in jobs.values():
-            a, _, task = jid.partition("_")
-            arrays.setdefault(a, []).append(task or "-")
-        listing = ", ".join(f"{a} ({len(t)} cell{'s' if len(t) > 1 else ''})" for a, t in arrays.items()) or "none"
+        listing = ", ".join(
+            f"{a} ({len(plan.cells)} cell{'s' if len(plan.cells) > 1 else ''}, %{plan.parallelism}"
+            + (f", after {self.arrays[plan.after][0]}" if plan.after is not None else "") + ")"
+            for a, plan in self.arrays) or "none"
+        lanes = len({plan.lane for _, plan in self.arrays})
+        cap_note = (f"; at most {self.opts.array_parallelism} cells run at once"
+                    + (f" ({lanes} lanes)" if lanes > 1 else "")) if jobs else ""
         self.console.say(
-            f"submitted {len(jobs)} of {len(ids)} cells to Slurm; job arrays: {listing}\n"
+            f"submitted {len(jobs)} of {len(ids)} cells to Slurm; job arrays: {listing}{cap_note}\n"
             f"sweep folder: {self.sweep_dir}\n"
             f"watch: python -m launcher.status {self.sweep_dir}   (Slurm logs: {self.folder})")
         return 0
@@ -349,13 +480,19 @@ class SlurmSubmitter:
         import shlex
         import sys
 
-        # One cell is a plain job, more are an array (submitit's choice); chunks beyond MaxArraySize
-        # get the same script with a shorter --array.
-        size = self.opts.max_array_size or max_array_size()
-        count = min(len(selected), size)
+        # One cell is a plain job, more are an array (submitit's choice); the other arrays get the same
+        # script with their own --array=0-(n-1)%p_l and, chained in a lane, --dependency=afterany.
+        layout = array_layout(len(selected), int(self.opts.array_parallelism),
+                              self.opts.max_array_size or max_array_size())
+        first = layout[0] if layout else None
+        count = len(first.cells) if first else 0
         script = sbatch_script(self.opts, self.folder, map_count=count if count > 1 else None,
-                               python=self.opts.python or shlex.quote(sys.executable))
-        self.console.say(f"\nsbatch script (per array):\n{script}")
+                               python=self.opts.python or shlex.quote(sys.executable),
+                               parallelism=first.parallelism if first else None)
+        self.console.say(f"\nsbatch script (first array):\n{script}")
+        if len(layout) > 1:
+            self.console.say(f"{len(layout)} arrays, at most {self.opts.array_parallelism} cells at once "
+                             f"over all of them:\n{describe_layout(layout)}")
         self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
                          f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0

@@ -18,12 +18,16 @@ NODE_FAIL, PREEMPTED    CANCELLED, interrupted (rerunnable)
 ======================  ==============================================================
 
 Job states come from ``squeue`` (live jobs, no accounting lag) and ``sacct`` (finished ones), one call
-each for the whole sweep, parsed with submitit's own ``sacct`` reader.
+each for the whole sweep (``sacct`` only for the jobs ``squeue`` no longer lists). Another backend asks
+:func:`in_slurm` which of its cells a Slurm job still owns (queued or running), so that a local launch
+never runs such a cell a second time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -67,8 +71,8 @@ class SlurmRecord:
         return dataclasses.asdict(self)
 
 
-def read_record(cell: Path) -> Optional[SlurmRecord]:
-    d = fileio.read_json(Path(cell) / RECORD)
+def read_record(cell: Path | str) -> Optional[SlurmRecord]:
+    d = fileio.read_json(os.path.join(cell, RECORD))
     if d is None:
         return None
     names = {f.name for f in dataclasses.fields(SlurmRecord)}
@@ -90,11 +94,25 @@ def _run(cmd: list[str], timeout: float = 60.0) -> Optional[str]:
     return out.stdout if out.returncode == 0 else None
 
 
+def _task_ids(job_id: str) -> list[str]:
+    """The task ids a ``sacct`` JobID names: ``123_4``; ``123``; ``123_[0-3,7%2]`` (tasks that never
+    started, folded) → ``123_0`` … ``123_3``, ``123_7``."""
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
+    if m is None:
+        return [job_id]
+    array, spans = m.groups()
+    ids = []
+    for span in spans.split(","):
+        first, _, last = span.partition("-")
+        ids += [f"{array}_{t}" for t in range(int(first), int(last or first) + 1)]
+    return ids
+
+
 def job_states(job_ids: Iterable[str]) -> dict[str, str]:
     """Slurm's state of each job id (``"123_4"``), first word only (``"CANCELLED by 0"`` → ``CANCELLED``).
 
     Jobs Slurm does not know are missing from the answer. Live jobs are read from ``squeue`` (the
-    controller itself); the rest from ``sacct`` (the accounting database).
+    controller itself); the rest from ``sacct`` (the accounting database), one call each.
     """
     wanted = set(job_ids)
     if not wanted:
@@ -109,17 +127,40 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
             states[jid] = state.split()[0]
     rest = wanted - states.keys()
     if rest:
-        from submitit.slurm.slurm import SlurmInfoWatcher
-
         rest_arrays = sorted({j.split("_", 1)[0] for j in rest})
-        out = _run(["sacct", "-X", "-o", "JobID,State", "--parsable2", "-j", ",".join(rest_arrays)])
-        if out:
-            info = SlurmInfoWatcher().read_info(out)
-            for jid in rest:
-                state = info.get(jid, {}).get("State")
-                if state:
-                    states[jid] = state.split()[0]
+        out = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(rest_arrays)])
+        for line in (out or "").splitlines():
+            jid, _, state = line.strip().partition("|")
+            if not state or "." in jid:
+                continue
+            for task in _task_ids(jid):
+                if task in rest:
+                    states[task] = state.split()[0]
     return states
+
+
+def live_arrays(array_ids: Iterable[str]) -> set[str]:
+    """The arrays (or plain jobs) among ``array_ids`` that still have a task queued or running."""
+    wanted = {str(a) for a in array_ids}
+    if not wanted:
+        return set()
+    out = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted(wanted))])
+    live = set()
+    for line in (out or "").splitlines():
+        jid, _, state = line.strip().partition("|")
+        if state.split()[:1] and state.split()[0] in LIVE:
+            live.add(jid.split("_", 1)[0])
+    return live & wanted
+
+
+def _live(status: CellStatus, job: str, slurm_state: str) -> CellStatus:
+    """The status of a cell whose job ``job`` Slurm says is queued or running (``slurm_state`` in LIVE)."""
+    if status.state == CellState.RUNNING:
+        return status  # the job's own word, heartbeat and all
+    state = CellState.RUNNING if slurm_state == "RUNNING" else CellState.PENDING
+    if status.state == state and status.job_id == job:
+        return status
+    return dataclasses.replace(status, state=state, job_id=job)
 
 
 def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optional[str],
@@ -138,10 +179,7 @@ def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optiona
             status, state=CellState.CANCELLED, interrupted=True,
             error=f"Slurm has no record of job {job} (purged, or accounting is off); rerun to resume")
     if slurm_state in LIVE:
-        if status.state == CellState.RUNNING:
-            return status
-        state = CellState.RUNNING if slurm_state == "RUNNING" else CellState.PENDING
-        return dataclasses.replace(status, state=state, job_id=job)
+        return _live(status, job, slurm_state)
     if status.state.finished:
         return status  # the job wrote its own end; that is more precise than Slurm's
     state = ENDED.get(slurm_state, CellState.CANCELLED)
@@ -160,21 +198,58 @@ def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optiona
                                interrupted=state == CellState.CANCELLED)
 
 
+def _views(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, tuple[CellStatus, Optional[str], str]]:
+    """``{cell_id: (status as Slurm sees it, Slurm's state of the cell's latest job, that job's id)}`` for
+    the cells whose status names a Slurm job and is not DONE.
+
+    Slurm is asked about the job each status names (the submitter records a job before it writes the
+    status naming it); a cell's ``slurm.json`` is read only when that job is not queued or running —
+    for its log files, its submission time, or a later job it names (then asked about too).
+    """
+    root = str(cellstate.cells_root(sweep_dir))
+    mine = {cid: s for cid, s in statuses.items() if s.backend == "slurm" and s.state != CellState.DONE}
+    asked = {s.job_id for s in mine.values() if s.job_id}
+    states = job_states(asked)
+    views: dict[str, tuple[CellStatus, Optional[str], str]] = {}
+    records: dict[str, SlurmRecord] = {}
+    for cid, s in mine.items():
+        state = states.get(s.job_id) if s.job_id else None
+        if s.job_id and state in LIVE:
+            views[cid] = (_live(s, s.job_id, state), state, s.job_id)
+            continue
+        rec = read_record(os.path.join(root, cid))
+        if rec is not None:
+            records[cid] = rec
+    later = {r.job_id for r in records.values()} - asked
+    if later:
+        states.update(job_states(later))
+    now = time.time()
+    for cid, rec in records.items():
+        state = states.get(rec.job_id)
+        views[cid] = (view(mine[cid], rec, state, now), state, rec.job_id)
+    return views
+
+
 def refresh_status(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, CellStatus]:
     """``{cell_id: status}`` as Slurm sees it, for cells whose status says ``backend: slurm``.
 
     The hook :mod:`launcher.status` calls; one ``squeue`` and at most one ``sacct`` for all cells.
     """
-    records = {}
-    for cid, s in statuses.items():
-        if s.backend == "slurm" and s.state != CellState.DONE:
-            rec = read_record(cellstate.cell_dir(sweep_dir, cid))
-            if rec is not None:
-                records[cid] = rec
-    states = job_states(r.job_id for r in records.values())
-    now = time.time()
     out = dict(statuses)
-    for cid, rec in records.items():
-        out[cid] = view(statuses[cid], rec, states.get(rec.job_id), now)
+    out.update({cid: seen for cid, (seen, _, _) in _views(sweep_dir, statuses).items()})
     return out
 
+
+def in_slurm(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, CellStatus]:
+    """The cells among ``statuses`` that a Slurm job still owns, as Slurm sees them (PENDING or RUNNING
+    with the job id): their job is queued or running, or was submitted a moment ago.
+
+    Asks Slurm nothing unless some status says ``backend: slurm`` (one ``squeue``, at most one ``sacct``).
+    """
+    if not any(s.backend == "slurm" for s in statuses.values()):
+        return {}
+    owned = {}
+    for cid, (seen, state, job) in _views(sweep_dir, statuses).items():
+        if state in LIVE or (state is None and not seen.state.finished and seen.job_id == job):
+            owned[cid] = seen if seen.job_id == job else dataclasses.replace(seen, job_id=job)
+    return owned

@@ -9,11 +9,15 @@ cancels the jobs it submitted, so a failure leaves no queue behind for the next 
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,14 +29,48 @@ def wait_for(pred, timeout: float, what: str):
     """Poll every 2 s: each poll may ask squeue/sacct."""
     return _wait_for(pred, timeout, what, step=2.0)
 
-from launcher.slurm import SlurmOptions, chunks, sbatch_script
+from launcher import manifest, slurm, slurm_state
+from launcher.manifest import CellRecord
+from launcher.slurm import ArrayPlan, SlurmOptions, SlurmSubmitter, array_layout, chunks, sbatch_script
 from launcher.slurm_state import SlurmRecord, view
+from proxyattention import cellstate
 from proxyattention.cellstate import CellState, CellStatus
 
 REPO = Path(__file__).resolve().parents[1]
-CHEAP = ("dataset=digits", "model=test_resnet", "explain.enabled=false", "dataset.image_size=16",
-         "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.heartbeat_s=2")
+TRIAL = ("dataset=digits", "model=test_resnet", "explain.enabled=false", "dataset.image_size=16")
+CHEAP = (*TRIAL, "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.heartbeat_s=2")
 REQUIRE_ENV = "PROXYATTENTION_REQUIRE_SLURM"
+# A stand-in cell (no torch): notes each run in runs.log, sleeps SLEEP_CELL_S, ends DONE.
+SLEEP_CELL = r'''
+import json, os, sys, time
+cell = sys.argv[1]
+with open(os.path.join(cell, "runs.log"), "a") as f:
+    f.write(f"{os.getpid()} {os.environ.get('SLURM_JOB_ID', 'local')}\n")
+time.sleep(float(os.environ.get("SLEEP_CELL_S", "0")))
+json.dump({"status": "done", "metrics": {"test/acc": 0.5}, "timing": {"train_s": 0.1, "total_s": 0.1}},
+          open(os.path.join(cell, "result.json"), "w"))
+'''
+
+
+def sleep_cell(tmp_path: Path, seconds: float = 0.0) -> tuple[str, dict]:
+    """The stand-in cell's ``hydra.launcher.cell_module`` override and the environment that finds it
+    (Slurm jobs inherit the submitting environment)."""
+    mod = tmp_path / "sleepcell"
+    mod.mkdir(exist_ok=True)
+    (mod / "sleep_cell.py").write_text(SLEEP_CELL)
+    return "hydra.launcher.cell_module=sleep_cell", {"PYTHONPATH": str(mod), "SLEEP_CELL_S": str(seconds)}
+
+
+def runs(sweep: Path, cid: str) -> int:
+    log = sweep / "cells" / cid / "runs.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def launch_local(sweep: Path, *overrides: str, env: dict) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "launcher", *TRIAL, *overrides, "hydra/launcher=local", "hydra.launcher.gpus=''",
+            "hydra.launcher.heartbeat_s=0.5", f"hydra.sweep.dir={sweep}"]
+    return subprocess.run(args, cwd=sweep.parent, env={**os.environ, **env}, text=True, capture_output=True,
+                          timeout=300)
 
 
 def cluster_problem() -> Optional[str]:
@@ -65,12 +103,13 @@ def cluster() -> None:
     pytest.skip(f"no Slurm cluster: {problem} (`sudo bash .ci/slurm.sh up` starts a single-node one)")
 
 
-def launch(sweep: Path, *overrides: str, background: bool = False):
+def launch(sweep: Path, *overrides: str, background: bool = False, env: Optional[dict] = None):
     args = [sys.executable, "-m", "launcher", *CHEAP, *overrides, f"hydra.sweep.dir={sweep}"]
+    full_env = {**os.environ, **(env or {})}
     if background:
         return subprocess.Popen(args, cwd=sweep.parent, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-    proc = subprocess.run(args, cwd=sweep.parent, text=True, capture_output=True, timeout=300)
+                                stderr=subprocess.STDOUT, env=full_env)
+    proc = subprocess.run(args, cwd=sweep.parent, text=True, capture_output=True, timeout=300, env=full_env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -187,6 +226,233 @@ def test_arrays_are_chunked_below_max_array_size():
     assert chunks([], 5) == []
 
 
+def simulate(layout: list[ArrayPlan], durations: list[float]) -> tuple[int, float]:
+    """Run a layout the way Slurm schedules it on an unbounded cluster: an array may start once the
+    array it waits for has ended (afterany), then runs its tasks in order, at most ``%N`` at once.
+    Returns (the most cells running at one time, the time the last cell ends)."""
+    events: list[tuple[float, int, int]] = []  # (end time, array, cell)
+    running = [0] * len(layout)
+    queued = [list(a.cells) for a in layout]
+    started = [a.after is None for a in layout]
+    remaining = [len(a.cells) for a in layout]
+    now, peak, busy = 0.0, 0, 0
+
+    def fill() -> None:
+        nonlocal busy, peak
+        for k, a in enumerate(layout):
+            while started[k] and queued[k] and running[k] < a.parallelism:
+                cell = queued[k].pop(0)
+                running[k] += 1
+                busy += 1
+                heapq.heappush(events, (now + durations[cell], k, cell))
+        peak = max(peak, busy)
+
+    fill()
+    while events:
+        now, k, _ = heapq.heappop(events)
+        running[k] -= 1
+        busy -= 1
+        remaining[k] -= 1
+        if remaining[k] == 0:
+            for j, a in enumerate(layout):
+                if a.after == k:
+                    started[j] = True
+        fill()
+    return peak, now
+
+
+@pytest.mark.parametrize("n_cells, cap, max_size", [
+    (5000, 16, 1001),  # the README's case: 5 chunks of <= 1001 used to run 5 x 16 = 80 at once
+    (5000, 2, 1001),   # fewer slots than arrays: lanes of chained arrays
+    (6, 1, 2),
+    (4, 2, 3),
+    (1000, 64, 1001),  # one array, %64, as before
+    (2002, 1000, 1001),
+])
+def test_array_layout_caps_running_cells_across_arrays(n_cells, cap, max_size):
+    layout = array_layout(n_cells, cap, max_size)
+    assert sorted(i for a in layout for i in a.cells) == list(range(n_cells))  # every cell once
+    assert all(1 <= len(a.cells) <= max_size for a in layout)
+    slots = {a.lane: a.parallelism for a in layout}
+    assert sum(slots.values()) == cap and all(a.parallelism == slots[a.lane] for a in layout)
+    for k, a in enumerate(layout):  # a lane's arrays run one after the other, each after its predecessor
+        earlier = [j for j in range(k) if layout[j].lane == a.lane]
+        assert a.after == (earlier[-1] if earlier else None)
+    if n_cells <= max_size:
+        assert [(len(a.cells), a.parallelism) for a in layout] == [(n_cells, cap)]
+    rng = random.Random(0)
+    durations = [rng.lognormvariate(0, 1) for _ in range(n_cells)]  # long-tailed, like real cells
+    peak, makespan = simulate(layout, durations)
+    assert peak == min(cap, n_cells)  # never more than the cap, and the cap's slots are all used
+    ideal = max(sum(durations) / cap, max(durations))
+    assert makespan < 1.25 * ideal + 2 * max(durations), (makespan, ideal)
+
+
+def test_the_old_chunking_broke_the_cap():
+    """What the lanes replace: every chunk with the whole cap as its %N."""
+    old = [ArrayPlan(0, tuple(c), 16) for c in chunks(list(range(5000)), 1001)]
+    assert simulate(old, [1.0] * 5000)[0] == 80
+
+
+def test_array_parameters_chain_and_keep_a_users_dependency():
+    opts = SlurmOptions(additional_parameters={"dependency": "afterok:99"})
+    script = sbatch_script(opts, Path("/s"), map_count=5, parallelism=3, after="123")
+    assert "#SBATCH --array=0-4%3" in script
+    assert "#SBATCH --dependency=afterok:99,afterany:123" in script
+    first = sbatch_script(SlurmOptions(array_parallelism=8), Path("/s"), map_count=5)
+    assert "#SBATCH --array=0-4%5" in first and "dependency" not in first
+
+
+class FakeJob:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    @property
+    def paths(self):
+        return type("Paths", (), {"stdout": Path(f"/logs/{self.job_id}_%t.out"),
+                                  "stderr": Path(f"/logs/{self.job_id}_%t.err")})()
+
+
+class FakeExecutor:
+    """submitit's SlurmExecutor as the submitter uses it: each batch is one sbatch of one array.
+
+    At every sbatch it notes which cells of the sweep are claimed, and the array's %N and dependency."""
+
+    def __init__(self, cells: list[Path], first_id: int = 100) -> None:
+        self.cells = cells
+        self.params: dict = {}
+        self.next_id = first_id
+        self.arrays: list[dict] = []
+
+    def update_parameters(self, **kw) -> None:
+        self.params.update(kw)
+
+    @contextlib.contextmanager
+    def batch(self):
+        self._batch: list[tuple[object, FakeJob]] = []
+        yield
+        array = str(self.next_id)
+        self.next_id += 1
+        claimed = {c.name for c in self.cells if manifest.claim_holder(c) is not None}
+        self.arrays.append({"id": array, "cells": [Path(t.cell_dir).name for t, _ in self._batch],
+                            "claimed": claimed, "parallelism": self.params["array_parallelism"],
+                            "dependency": self.params["additional_parameters"].get("dependency")})
+        for n, (_, job) in enumerate(self._batch):
+            job.job_id = f"{array}_{n}"
+
+    def submit(self, task) -> FakeJob:
+        job = FakeJob("?")  # submitit knows the id once the batch's sbatch ran
+        self._batch.append((task, job))
+        return job
+
+
+def fake_sweep(tmp_path: Path, n: int) -> tuple[Path, list[CellRecord], list[Path]]:
+    sweep = tmp_path / "sweep"
+    records = [CellRecord(id=f"c{i:02d}", overrides=[f"train.seed={i}"]) for i in range(n)]
+    cells = [cellstate.cell_dir(sweep, r.id) for r in records]
+    for c in cells:
+        c.mkdir(parents=True)
+    return sweep, records, cells
+
+
+def submit_with(fake: FakeExecutor, sweep: Path, records: list[CellRecord], monkeypatch, **opts) -> str:
+    monkeypatch.setattr(SlurmSubmitter, "_executor", lambda self: fake)
+    out = []
+    console = type("Quiet", (), {"say": lambda self, t: out.append(t),
+                                 "cell": lambda self, cid, st, d="": out.append(f"{st.value} {cid} {d}")})()
+    assert SlurmSubmitter(sweep, records, SlurmOptions(**opts), console=console).run() == 0
+    return "\n".join(out)
+
+
+def test_each_arrays_claims_are_released_once_it_is_submitted(tmp_path, monkeypatch):
+    sweep, records, cells = fake_sweep(tmp_path, 6)
+    fake = FakeExecutor(cells)
+    out = submit_with(fake, sweep, records, monkeypatch, array_parallelism=1, max_array_size=2)
+    assert [a["cells"] for a in fake.arrays] == [["c00", "c01"], ["c02", "c03"], ["c04", "c05"]]
+    for k, a in enumerate(fake.arrays):
+        submitted_before = {c for b in fake.arrays[:k] for c in b["cells"]}
+        # At each sbatch the earlier arrays' cells are free for their jobs; this and later ones are held.
+        assert a["claimed"] == {c.name for c in cells} - submitted_before, (k, a)
+    assert [a["dependency"] for a in fake.arrays] == [None, "afterany:100", "afterany:101"]
+    assert [a["parallelism"] for a in fake.arrays] == [1, 1, 1]
+    assert all(manifest.claim_holder(c) is None for c in cells)
+    for c in cells:
+        rec = slurm_state.read_record(c)
+        assert rec is not None and cellstate.read_status(c).job_id == rec.job_id
+    assert "102 (2 cells, %1, after 101)" in out and "at most 1 cells run at once" in out
+
+
+def test_a_later_batch_continues_the_lanes_of_the_first(tmp_path, monkeypatch):
+    sweep, records, cells = fake_sweep(tmp_path, 8)
+    fake = FakeExecutor(cells)
+    submit_with(fake, sweep, records[:4], monkeypatch, array_parallelism=2, max_array_size=2)
+    assert [(a["parallelism"], a["dependency"]) for a in fake.arrays] == [(1, None), (1, None)]
+    monkeypatch.setattr(slurm, "live_arrays", lambda ids: set(ids))  # both still queued
+    submit_with(fake, sweep, records[4:], monkeypatch, array_parallelism=2, max_array_size=2)
+    assert [(a["parallelism"], a["dependency"]) for a in fake.arrays[2:]] == [(1, "afterany:100"),
+                                                                             (1, "afterany:101")]
+
+
+def test_sacct_ranges_of_tasks_that_never_started_are_read_per_task(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, timeout=60.0):
+        calls.append(cmd[0])
+        if cmd[0] == "squeue":
+            return "7_0|RUNNING\n"
+        return "7_1|FAILED\n7_[2-3,5%2]|CANCELLED by 0\n8|TIMEOUT\n"
+
+    monkeypatch.setattr(slurm_state, "_run", fake_run)
+    got = slurm_state.job_states(["7_0", "7_1", "7_3", "7_5", "7_4", "8"])
+    assert got == {"7_0": "RUNNING", "7_1": "FAILED", "7_3": "CANCELLED", "7_5": "CANCELLED", "8": "TIMEOUT"}
+    assert calls == ["squeue", "sacct"]  # one call each for all of them
+    calls.clear()
+    assert slurm_state.in_slurm(Path("/nowhere"), {"a": CellStatus(state=CellState.PENDING)}) == {}
+    assert calls == []  # no cell names a Slurm job: Slurm is not asked
+
+
+def stub_slurm(tmp_path: Path, squeue: str = "", sacct: str = "") -> tuple[dict, Path]:
+    """``squeue``/``sacct`` stand-ins first on PATH that print the given lines and log each call."""
+    bin_dir = tmp_path / "stub_bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "slurm_calls.log"
+    for tool, text in (("squeue", squeue), ("sacct", sacct)):
+        (bin_dir / f"{tool}.out").write_text(text)
+        script = bin_dir / tool
+        script.write_text(f"#!/bin/sh\necho {tool} >> {calls}\ncat {bin_dir / (tool + '.out')}\n")
+        script.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+
+
+def test_local_launch_leaves_cells_queued_in_slurm_to_their_job(tmp_path):
+    """squeue/sacct are stand-ins here; the cluster test below does the same against real Slurm."""
+    module, env = sleep_cell(tmp_path)
+    sweep = tmp_path / "sweep"
+    slurm_env, calls = stub_slurm(tmp_path, squeue="77_0|PENDING\n")
+    first = launch_local(sweep, "train.seed=0", module, env={**env, **slurm_env})
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not calls.exists()  # no cell names a Slurm job: Slurm is not asked
+    queued, other = sorted(p.name for p in (sweep / "cells").iterdir())
+    # `queued` as the Slurm submitter leaves a cell: PENDING, naming its job, with its record.
+    cell = sweep / "cells" / queued
+    (cell / "result.json").unlink()
+    cellstate.write_status(cell, CellStatus(state=CellState.PENDING, attempts=1, backend="slurm", job_id="77_0"))
+    slurm_state.write_record(cell, SlurmRecord(job_id="77_0", submitted=time.time(), submitter="login:1",
+                                               stdout="/x.out", stderr="/x.err"))
+    second = launch_local(sweep, "train.seed=0", module, env={**env, **slurm_env})
+    assert second.returncode == 1, second.stdout + second.stderr  # the queued cell is not DONE yet
+    assert f"cell {queued} is queued in Slurm as job 77_0; skipped" in second.stdout
+    assert runs(sweep, queued) == 1 and runs(sweep, other) == 1
+    assert calls.read_text().split() == ["squeue"]  # one call for the sweep; squeue knew the job
+    # Once the job is gone (cancelled), the local launch runs the cell.
+    calls.unlink()
+    slurm_env, calls = stub_slurm(tmp_path, squeue="", sacct="77_0|CANCELLED by 0\n")
+    third = launch_local(sweep, "train.seed=0", module, env={**env, **slurm_env})
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert runs(sweep, queued) == 2 and "in Slurm" not in third.stdout
+    assert calls.read_text().split() == ["squeue", "sacct"]
+
+
 def _status(state: CellState, job: Optional[str] = "7_1", **kw) -> CellStatus:
     return CellStatus(state=state, backend="slurm", job_id=job, **kw)
 
@@ -276,8 +542,9 @@ def test_sweep_2x2_completes_in_chunked_arrays(cluster, sweep):
                  "hydra.launcher.max_array_size=3", "hydra.launcher.array_parallelism=2")
     assert "submitted 4 of 4 cells" in out, out
     assert str(sweep) in out
-    arrays = out.split("job arrays:", 1)[1].splitlines()[0]
-    assert arrays.count("(") == 2, out  # 3 + 1: chunked below max_array_size
+    arrays = out.split("job arrays:", 1)[1].split(";")[0]
+    assert arrays.count("(") == 2, out  # two arrays below max_array_size, one per lane
+    assert "at most 2 cells run at once (2 lanes)" in out, out
     cells = wait_for(lambda: all_in(sweep, "DONE", "FAILED", "CANCELLED", "TIMEOUT"), 240, "4 cells to end")
     assert {c["state"] for c in cells.values()} == {"DONE"}, cells
     text = status(sweep, as_json=False)
@@ -293,7 +560,8 @@ def test_sweep_2x2_completes_in_chunked_arrays(cluster, sweep):
         assert sacct_state(rec["job_id"]) == "COMPLETED"
         assert json.loads((cell / "status.json").read_text())["job_id"] == rec["job_id"]
     scripts = [s.read_text() for s in (sweep / "slurm").glob("*.sh")]
-    assert any("#SBATCH --array=0-2%2" in s for s in scripts), scripts  # the 3-cell chunk, 2 at a time
+    # Two lanes of one slot each (the cap 2 over both arrays), two cells each.
+    assert scripts and all("#SBATCH --array=0-1%1" in s for s in scripts), scripts
     again = launch(sweep, "proxy.schedule=1", "train.seed=0,1", "train.max_lr=0.001,0.002")
     assert "All 4 cells are DONE; nothing to submit" in again
 
@@ -349,3 +617,56 @@ def test_two_launchers_at_once_do_not_double_submit(cluster, sweep):
     jobs = {cid: record(sweep, cid) for cid in status(sweep)}
     assert len(jobs) == 4 and all(r["previous_jobs"] == [] for r in jobs.values())
     assert len({r["job_id"] for r in jobs.values()}) == 4
+
+
+def node_cpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0].rstrip("+"))
+
+
+def running_cells(arrays: list[str]) -> int:
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "RUNNING", "-o", "%i", "-j", ",".join(arrays)],
+                         capture_output=True, text=True).stdout
+    return len(out.split())
+
+
+@pytest.mark.slurm
+def test_cap_holds_over_several_arrays(cluster, sweep, tmp_path):
+    """One slot fewer than the node's CPUs, two arrays: without the lanes the two arrays (each with the
+    whole cap as %N) would fill every CPU."""
+    cap = max(1, node_cpus() - 1)
+    module, env = sleep_cell(tmp_path, seconds=4)
+    seeds = cap + 1  # x2 with the paired baselines: two arrays of cap + 1 cells
+    out = launch(sweep, f"train.seed=range(0,{seeds})", module, f"hydra.launcher.array_parallelism={cap}",
+                 f"hydra.launcher.max_array_size={cap + 1}", env=env)
+    arrays = [a.split()[0] for a in out.split("job arrays:", 1)[1].split(";")[0].split("), ")]
+    assert len(arrays) >= 2, out
+    assert f"at most {cap} cells run at once" in out, out
+    peak, deadline = 0, time.time() + 300
+    while time.time() < deadline:
+        peak = max(peak, running_cells(arrays))
+        left = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(arrays)],
+                              capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert peak == cap, f"{peak} cells ran at once under a cap of {cap}"
+    cells = status(sweep)
+    assert len(cells) == 2 * seeds and all(c["state"] == "DONE" for c in cells.values()), cells
+    assert all(runs(sweep, cid) == 1 for cid in cells)
+
+
+@pytest.mark.slurm
+def test_local_launch_does_not_run_cells_queued_in_slurm(cluster, sweep, tmp_path):
+    module, env = sleep_cell(tmp_path)
+    launch(sweep, "train.seed=0", module, "+hydra.launcher.additional_parameters.hold=true", env=env)
+    queued = wait_for(lambda: all_in(sweep, "PENDING"), 30, "the held jobs to be queued")
+    proc = launch_local(sweep, "train.seed=0", module, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for cid, c in queued.items():
+        assert f"cell {cid} is queued in Slurm as job {c['job_id']}; skipped" in proc.stdout, proc.stdout
+        assert runs(sweep, cid) == 0
+        held = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", c["job_id"].split("_")[0]],
+                              capture_output=True, text=True).stdout
+        assert f"{c['job_id']} PENDING" in held, held  # still queued for Slurm to run
+    assert "Nothing to run here: 2 cells are queued or running in Slurm" in proc.stdout
