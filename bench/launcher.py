@@ -13,6 +13,14 @@ Prints ``FIGURE <name> <value> (target <op> <value>)`` lines:
 - ``plan_10k_s``: wall time of re-issuing ``python -m launcher`` on a 10,000-job grid whose cells are
   all DONE (synthetic status files), until it has decided that nothing runs and printed so.
 - ``status_10k_s``: wall time of ``python -m launcher.status SWEEP_DIR --json`` on that sweep.
+- ``plan_10k_cold_s``: wall time of the first launch of ``train.seed=range(0,5000)`` with one threshold
+  (10,000 cells: 5,000 proxy cells and their 5,000 baselines, 10,000 distinct values), nothing planned
+  before: every job composed and validated, 10,000 cell folders written in a fresh store
+  (``hydra.launcher.rerun=failed`` then stops: no cell runs). The model check it includes is the
+  remembered one (see ``model_check_first_s``).
+- ``model_check_first_s`` (no target): a one-cell dry run with an empty model-check cache, i.e. the
+  one-time cost per model, image size and torch/timm version of checking ``model.name`` and its CAM
+  target layer in a subprocess (mostly importing torch and timm).
 
 Also printed, without targets: the first planning of the 10k grid (composition and validation of every
 job, 10k cell folders written) and the parts of a cell's time.
@@ -104,10 +112,42 @@ def bench_10k(work: Path, n_seeds: int) -> None:
            + ", ".join(f"{t:.2f}" for t in times))
 
 
+def bench_cold(work: Path, n_seeds: int = 5000) -> None:
+    cache = work / "xdg_cache"
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), PROXYATTENTION_STORE=str(work / "cold_store"))
+    one = [sys.executable, "-m", "launcher", "model=test_resnet", "hydra.launcher.dry_run=true",
+           f"hydra.sweep.dir={work / 'one'}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(one, cwd=work, env=env, text=True, capture_output=True)
+    t_check = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    t0 = time.perf_counter()
+    proc = subprocess.run(one, cwd=work, env=env, text=True, capture_output=True)
+    t_known = time.perf_counter() - t0
+    print(f"one-cell dry run: {t_check:.2f}s with an empty model-check cache, {t_known:.2f}s after", flush=True)
+    figure("model_check_first_s", t_check - t_known, ">=", 0, "one-time, per model/size/version")
+    grid = ["model=test_resnet", "proxy.threshold=0.4", f"train.seed=range(0,{n_seeds})"]
+    sweep = work / "cold_10k"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "launcher", *grid, f"hydra.sweep.dir={sweep}",
+                           "hydra.launcher.rerun=failed"], cwd=work, env=env, text=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    assert proc.returncode == 1 and "No cell matches" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    n = len(os.listdir(sweep / "cells"))
+    assert n == 2 * n_seeds, n
+    figure("plan_10k_cold_s", dt, "<=", 5, f"{n} cells planned and written, nothing cached")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "launcher", *grid, f"hydra.sweep.dir={work / 'cold_dry'}",
+                           "hydra.launcher.dry_run=true"], cwd=work, env=env, text=True, capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    print(f"the same as a dry run (planned, nothing written): {time.perf_counter() - t0:.2f}s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-cells", action="store_true", help="only the 10k planning/status figures")
     ap.add_argument("--skip-10k", action="store_true", help="only the cell overhead figure")
+    ap.add_argument("--skip-cold", action="store_true", help="skip the cold-planning figures")
     ap.add_argument("--seeds", type=int, default=100, help="seeds in the 10k grid (100 x 100 = 10,000 jobs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -119,6 +159,8 @@ def main() -> None:
         bench_cells(work, args.repeats)
     if not args.skip_10k:
         bench_10k(work, args.seeds)
+    if not args.skip_cold:
+        bench_cold(work)
 
 
 if __name__ == "__main__":

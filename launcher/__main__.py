@@ -2,8 +2,9 @@
 
 A Hydra app on the same ``conf/`` as ``python -m proxyattention.train``; its launcher plugin
 (``hydra/launcher=local`` by default) turns each job of the grid into a cell and runs the cells that
-are not DONE. It is always a sweep: ``-m`` is implied. Hydra's own flags work (``--cfg job``,
-``--help``, ``--info``).
+are not DONE. It is always a sweep: ``-m`` is implied (``--run`` is refused). Hydra's own flags work
+(``--cfg job``, ``-cjob``, ``--help``, ``--info``, ``--info searchpath``). Only this project's launchers
+(``hydra/launcher=local``, ``slurm``, ``slurm_v100``, or one of yours targeting them) run cells.
 
 Options (all ``hydra.launcher.*`` overrides, see conf/hydra/launcher/local.yaml):
 ``workers=N``, ``timeout_min=M``, ``rerun=not_done|failed|all``, ``dry_run=true``, ``gpus=0,1``.
@@ -21,14 +22,24 @@ from proxyattention.paths import conf_dir
 from proxyattention.schedule import quote_schedule_overrides
 
 CONF_DIR = str(conf_dir())
+# Flags after which Hydra does not sweep (it prints, or runs one job): no --multirun is added for them.
 _NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
-                   "--cfg", "-c")
-
-
+                   "--cfg", "-c", "--resolve")
 # Hydra's flags that take a value (argparse reads overrides as one positional run, so an added override
 # must join the others rather than follow a flag's value).
 _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--experimental-rerun")  # --shell-completion is a switch
+_INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_SHORT3 = ("-cd", "-cn", "-cp", "-sc")  # short flags of two letters; any other short flag is one letter
+
+
+def flag_name(arg: str) -> str:
+    """The flag an argument spells: ``--cfg=job`` and ``-cjob`` are ``--cfg`` and ``-c``; "" if none."""
+    if not arg.startswith("-") or arg == "-":
+        return ""
+    if arg.startswith("--"):
+        return arg.split("=", 1)[0]
+    return next((s for s in _SHORT3 if arg.startswith(s)), arg[:2])
 
 
 def with_override(argv: list[str], override: str) -> list[str]:
@@ -37,18 +48,19 @@ def with_override(argv: list[str], override: str) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("-"):
+        name = flag_name(arg)
+        if name:
             flags.append(arg)
-            takes_value = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv)
-                                                  and argv[i + 1] in ("all", "config", "defaults",
-                                                                      "defaults-tree", "plugins", "searchpath"))
-            if takes_value and "=" not in arg and i + 1 < len(argv):
+            inline = arg != name  # --cfg=job, -cjob
+            takes_value = name in _VALUE_FLAGS or (name in ("--info", "-i") and i + 1 < len(argv)
+                                                   and argv[i + 1] in _INFO_CHOICES)
+            if takes_value and not inline and i + 1 < len(argv):
                 flags.append(argv[i + 1])
                 i += 1
         else:
             overrides.append(arg)
         i += 1
-    return flags + overrides + [override]
+    return overrides + [override] + flags  # overrides first: an optional flag value (--info) never eats one
 
 
 def main() -> None:
@@ -58,12 +70,19 @@ def main() -> None:
     from launcher import plugin
     from proxyattention.config import register_configs
 
+    argv = quote_schedule_overrides(sys.argv[1:])
+    names = {flag_name(a) for a in argv}
+    if names & {"--run", "-r"}:
+        print("error: python -m launcher always runs a sweep, each job a cell in its own process (drop "
+              "--run); to run one trial in this process: python -m proxyattention.train KEY=VALUE ...",
+              file=sys.stderr)
+        sys.exit(2)
     register_configs()
     plugin.register_configs()
     plugin.register_resolvers()
+    plugin.CELL_LAUNCHERS_ONLY = True
 
-    argv = quote_schedule_overrides(sys.argv[1:])
-    if not any(a in ("-m", "--multirun") for a in argv) and not any(a in _NO_SWEEP_FLAGS for a in argv):
+    if not names & {"-m", "--multirun"} and not names & set(_NO_SWEEP_FLAGS):
         argv.insert(0, "--multirun")
     if not any(a.startswith("hydra.job.name=") for a in argv):
         argv = with_override(argv, "hydra.job.name=launcher")  # not "__main__" in --help and logs
@@ -71,9 +90,9 @@ def main() -> None:
 
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        # Only reached without --multirun (e.g. `--cfg job`): a sweep never runs trials in-process.
-        print("python -m launcher always runs a sweep; run one trial with python -m proxyattention.train",
-              file=sys.stderr)
+        # Reached without --multirun (--cfg job), or when a launcher that is not this project's runs
+        # the jobs in this process: a sweep never runs trials in-process.
+        raise plugin.SweepError(plugin.FOREIGN_LAUNCHER)
 
     try:
         app()

@@ -125,3 +125,28 @@ class Console:
             counts[st] = counts.get(st, 0) + 1
         tally = ", ".join(f"{n} {st}" for st, n in counts.items())
         self.say(f"\n{text}\n\n{len(records)} cells: {tally}\nsweep folder: {sweep_dir}")
+
+
+def dry_run_listing(console: Console, records: Sequence[CellRecord], statuses: dict[str, CellStatus],
+                    selected: Sequence[str], limit: int = SUMMARY_ROWS, slurm: bool = False) -> str:
+    """The table of a dry run: each cell, its state (and Slurm job) and whether it would run. Beyond
+    ``limit`` rows (0: no limit) the cells that would run come first and the rest are counted."""
+    chosen = set(selected)
+    order = list(records)
+    if limit and len(order) > limit:
+        order.sort(key=lambda r: r.id not in chosen)
+    shown = order[:limit] if limit else order
+    rows = []
+    for r in shown:
+        label = console.labels.get(r.id, "")
+        if r.role == "baseline":
+            label = f"[baseline] {label}".rstrip()
+        s = statuses[r.id]
+        rows.append([r.id, label or "-", s.state.value] + ([s.job_id or "-"] if slurm else [])
+                    + ["yes" if r.id in chosen else "no"])
+    header = ["cell", "overrides", "state"] + (["slurm job", "would submit"] if slurm else ["would run"])
+    text = table(rows, header)
+    if len(order) > len(shown):
+        text += (f"\n… and {len(order) - len(shown)} more cells ({len(chosen - {r.id for r in shown})} of them "
+                 "would run); hydra.launcher.list_rows=0 lists every cell")
+    return text

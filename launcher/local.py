@@ -30,8 +30,9 @@ from typing import Any, Optional
 
 from launcher import manifest
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
-from launcher.console import Console, fmt_acc, fmt_duration, table
+from launcher.console import Console, dry_run_listing, fmt_acc, fmt_duration
 from launcher.manifest import CellRecord, Claim, Rerun
+from launcher.objective import check_objective
 from proxyattention import cellstate
 from proxyattention.cellstate import (
     REQUIRE_GPU_ENV,
@@ -58,6 +59,9 @@ class LocalOptions:
     heartbeat_s: float = 10.0
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     cell_module: str = CELL_MODULE
+    list_rows: int = 60
+    objective: str = "val/acc_best"
+    objective_vs_baseline: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LocalOptions":
@@ -69,6 +73,9 @@ class LocalOptions:
             raise ValueError(f"hydra.launcher.workers={opts.workers} must be >= 1")
         if opts.timeout_min is not None and opts.timeout_min <= 0:
             raise ValueError(f"hydra.launcher.timeout_min={opts.timeout_min} must be > 0 (or null: no limit)")
+        if opts.list_rows < 0:
+            raise ValueError(f"hydra.launcher.list_rows={opts.list_rows} must be >= 0 (0: every cell)")
+        check_objective(opts.objective)
         return opts
 
 
@@ -127,8 +134,11 @@ class LocalRunner:
     """Run the cells of a plan that the rerun mode selects; return the launcher's exit code."""
 
     def __init__(self, sweep_dir: Path, records: list[CellRecord], options: LocalOptions,
-                 console: Optional[Console] = None) -> None:
+                 console: Optional[Console] = None, summary: bool = True, hooks: Any = None) -> None:
         self.sweep_dir = Path(sweep_dir)
+        self.summary = summary  # False: the caller prints one summary for several launches
+        self._overrides = {r.id: r.overrides for r in records}
+        self.hooks = hooks  # Hydra's job callbacks: .start(cell_id) before a cell runs, .end(cell_id) after
         self.records = records
         self.opts = options
         self.rerun = Rerun(options.rerun)
@@ -182,6 +192,7 @@ class LocalRunner:
             where = f"gpu {gpu}"
         if self._stopping.is_set():
             return status
+        manifest.write_hydra_metadata(cell, self._overrides.get(cid, []))
         proc = CellProcess(cell, module=self.opts.cell_module, env=env).start(status.attempts + 1, cellstate.HOST)
         with self._lock:
             self._procs[cid] = proc
@@ -311,6 +322,8 @@ class LocalRunner:
                     continue
                 waiting.pop(cid, None)
                 slot = free_slots.pop(0)
+                if self.hooks is not None:
+                    self.hooks.start(cid)
                 running[self._pool.submit(self._run_cell, cid, claim, slot)] = (cid, slot)
             if running:
                 done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
@@ -322,6 +335,8 @@ class LocalRunner:
                 free_slots.append(slot)
                 free_slots.sort()
                 self._report(cid, fut.result())
+                if self.hooks is not None:
+                    self.hooks.end(cid)
             now = time.time()
             for cid, seen in list(waiting.items()):
                 if now - seen < 1.0 or cid in pending:
@@ -358,19 +373,12 @@ class LocalRunner:
     def _finish(self) -> int:
         for cid in self._touched:
             self.statuses[cid] = self._status(cid)
-        self.console.summary(self.records, self.statuses, self.sweep_dir)
+        if self.summary:
+            self.console.summary(self.records, self.statuses, self.sweep_dir)
         return 0 if all(s.state == CellState.DONE for s in self.statuses.values()) else 1
 
     def _dry_run(self, selected: list[str]) -> int:
-        chosen = set(selected)
-        rows = []
-        for r in self.records:
-            s = self.statuses[r.id]
-            label = self.console.labels.get(r.id, "")
-            if r.role == "baseline":
-                label = f"[baseline] {label}".rstrip()
-            rows.append([r.id, label or "-", s.state.value, "yes" if r.id in chosen else "no"])
-        self.console.say(table(rows, ["cell", "overrides", "state", "would run"]))
+        self.console.say(dry_run_listing(self.console, self.records, self.statuses, selected, self.opts.list_rows))
         self.console.say(f"\ndry run: {len(selected)} of {len(self.records)} cells would run "
                          f"(hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0
@@ -380,6 +388,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any) -> int:
-    """Backend entry point used by :mod:`launcher.plugin`: run the plan's cells, return the exit code."""
-    return LocalRunner(sweep_dir, records, LocalOptions.from_config(launcher_cfg)).run()
+def check_options(launcher_cfg: Any) -> None:
+    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run."""
+    LocalOptions.from_config(launcher_cfg)
+
+
+def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True,
+        hooks: Any = None) -> int:
+    """Backend entry point used by :mod:`launcher.plugin`: run the plan's cells, return the exit code.
+
+    ``summary=False`` leaves the summary table to the caller; ``hooks`` get ``start(cell_id)`` before
+    and ``end(cell_id)`` after each cell this launch runs (Hydra's job callbacks)."""
+    return LocalRunner(sweep_dir, records, LocalOptions.from_config(launcher_cfg), summary=summary,
+                       hooks=hooks).run()

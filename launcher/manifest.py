@@ -52,7 +52,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from proxyattention.cellstate import (
     DEFAULT_STALE_AFTER_S,
@@ -63,7 +63,14 @@ from proxyattention.cellstate import (
     owner_gone,
     read_result,
 )
-from proxyattention.fileio import CONFIG, ERROR, RESULT, read_json, write_json_atomic
+from proxyattention.fileio import (
+    CONFIG,
+    ERROR,
+    RESULT,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 PLANS = "plans"
 STDOUT = "stdout.log"
@@ -305,6 +312,18 @@ class CellRecord:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def write_hydra_metadata(cell: Path, overrides: Sequence[str]) -> None:
+    """``.hydra/overrides.yaml`` (the job's overrides) and ``.hydra/config.yaml`` (a link to the cell's
+    snapshot), where Hydra's tools look for a job's config; written as a cell starts, as Hydra does."""
+    import yaml
+
+    meta = Path(cell) / ".hydra"
+    meta.mkdir(exist_ok=True)
+    write_text_atomic(meta / "overrides.yaml", yaml.safe_dump(list(overrides)), fsync=False)
+    if not os.path.lexists(meta / CONFIG):
+        os.symlink(os.path.join("..", CONFIG), meta / CONFIG)
 
 
 def write_plan(sweep_dir: Path, plan_id: str, cells: Iterable[CellRecord], extra: Optional[dict] = None) -> Path:

@@ -15,8 +15,8 @@ both ways and compared (config and cell id); any difference turns the shortcut o
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import json
 import logging
 import os
 import re
@@ -31,7 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import manifest
 from launcher.manifest import CellRecord
 from proxyattention import cellstate, fileio, identity
-from proxyattention.config import GROUP_SCHEMAS, ConfigError, spell_targets, to_trial_config, validate
+from proxyattention.config import (
+    GROUP_SCHEMAS,
+    ConfigError,
+    spell_targets,
+    to_trial_config,
+    validate,
+)
 from proxyattention.schedule import ScheduleError
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 # A ``${node.reference}`` (no resolver colon before the closing brace): its value depends on other keys.
 _NODE_REF = re.compile(r"\$\{[^:}]*\}")
 _MISSING = "???"
+# ``group.key=<number>``: Hydra's grammar reads these as int / float exactly like int() / float().
+_SIMPLE = re.compile(r"(?P<group>[a-z_]+)\.(?P<key>[a-z_][a-z0-9_]*)=(?P<value>[+-]?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?)\Z")
 # Keys a baseline's overrides drop: they do not apply to a trial without proxy steps.
 _PROXY_ONLY_PREFIXES = ("proxy.", "proxy=", "method.", "method=", "+proxy.", "+method.")
 
@@ -114,9 +122,9 @@ class Composer:
 
         self._compose = compose
         self._parser = OverridesParser.create()
-        self._kind: dict[str, Optional[tuple[str, str]]] = {}  # override -> (group, key) if a plain value
+        self._kind: dict[str, Optional[tuple[str, str, Any]]] = {}  # override -> (group, key, value)
         self._bases: dict[tuple[str, ...], Optional[_Base]] = {}
-        self._values: dict[tuple[tuple[str, ...], str], Any] = {}
+        self._values: dict[tuple, Any] = {}  # (base, group, key, type, value) -> stored value
         self._checked: set[tuple[str, ...]] = set()
         self.fast = fast
 
@@ -139,22 +147,30 @@ class Composer:
         return OmegaConf.to_container(trial, resolve=True)  # type: ignore[return-value]
 
     # -- the shortcut
-    def _classify(self, ov: str) -> Optional[tuple[str, str]]:
+    def _classify(self, ov: str) -> Optional[tuple[str, str, Any]]:
+        """``(group, key, value)`` of a plain ``group.key=value`` override, else None (composed by Hydra)."""
         if ov in self._kind:
             return self._kind[ov]
         kind = None
-        try:
-            from hydra.core.override_parser.types import OverrideType
+        m = _SIMPLE.match(ov)
+        if m is not None and m["group"] in GROUP_SCHEMAS:  # a number: no need for Hydra's grammar
+            text = m["value"]
+            kind = (m["group"], m["key"], float(text) if "." in text else int(text))
+        else:
+            try:
+                from hydra.core.override_parser.types import OverrideType
 
-            o = self._parser.parse_override(ov)
-            key = o.key_or_group
-            parts = key.split(".")
-            if (o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override()
-                    and len(parts) == 2 and parts[0] in GROUP_SCHEMAS and "/" not in key
-                    and isinstance(o.value(), (str, int, float, bool, type(None)))):
-                kind = (parts[0], parts[1])
-        except Exception:
-            kind = None
+                o = self._parser.parse_override(ov)
+                key = o.key_or_group
+                parts = key.split(".")
+                value = None if o.is_sweep_override() else o.value()
+                if (o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override()
+                        and len(parts) == 2 and parts[0] in GROUP_SCHEMAS and "/" not in key
+                        and isinstance(value, (str, int, float, bool, type(None)))
+                        and not (isinstance(value, str) and "${" in value)):
+                    kind = (parts[0], parts[1], value)
+            except Exception:
+                kind = None
         self._kind[ov] = kind
         return kind
 
@@ -186,14 +202,19 @@ class Composer:
         self._bases[groups] = base
         return base
 
-    def _value(self, groups: tuple[str, ...], base: _Base, ov: str, group: str, key: str) -> Any:
-        memo = (groups, ov)
+    def _value(self, base: _Base, group: str, key: str, value: Any) -> Any:
+        """``value`` as the schema stores ``group.key`` (converted and type-checked like an override).
+
+        Only the key's own node converts it: copying the whole config per value made planning
+        thousands of distinct values take half a minute.
+        """
+        memo = (id(base), group, key, type(value), value)
         if memo not in self._values:
-            o = self._parser.parse_override(ov)
-            c = copy.deepcopy(base.cfg)
-            OmegaConf.update(c, f"{group}.{key}", o.value(), merge=True)  # raises as Hydra would
-            v = OmegaConf.select(c, f"{group}.{key}")
-            if isinstance(v, (DictConfig,)) or not isinstance(v, (str, int, float, bool, type(None))):
+            node = base.cfg[group]._get_node(key)
+            if node is None or isinstance(node, DictConfig) or node._get_flag("readonly") or value == _MISSING:
+                raise ValueError("not a plain value")
+            v = node.validate_and_convert(value)  # raises as Hydra would (the Hydra path names the key)
+            if not isinstance(v, (str, int, float, bool, type(None))) or (isinstance(v, str) and "${" in v):
                 raise ValueError("not a plain value")
             self._values[memo] = v
         return self._values[memo]
@@ -205,17 +226,17 @@ class Composer:
             if kind is None:
                 groups.append(ov)
             else:
-                values.append((ov, kind))
+                values.append(kind)
         gkey = tuple(groups)
         base = self._base(gkey)
         if base is None:
             return None
         plain = {g: dict(v) for g, v in base.plain.items()}
         try:
-            for ov, (group, key) in values:
+            for group, key, value in values:
                 if key not in plain[group]:
                     return None
-                plain[group][key] = self._value(gkey, base, ov, group, key)
+                plain[group][key] = self._value(base, group, key, value)
         except Exception:
             return None
         if any(v == _MISSING for grp in plain.values() for v in grp.values()):
@@ -311,11 +332,35 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
 
 
 def snapshot_yaml(config: dict) -> str:
-    """The ``config.yaml`` a cell runs from. Cells run in batch, so their progress bars are off."""
+    """The ``config.yaml`` a cell runs from. Cells run in batch, so their progress bars are off.
+
+    The text is ``yaml.safe_dump``'s, built from one remembered line per distinct ``key: value``:
+    emitting 10,000 whole configs through PyYAML took most of the first planning of a big sweep.
+    """
     c = {g: dict(v) for g, v in config.items()}
     if "progress" in c.get("train", {}):
         c["train"]["progress"] = False
-    return yaml.safe_dump(c, sort_keys=False, default_flow_style=False)
+    plain = all(isinstance(g, str) and g.isidentifier() and isinstance(s, dict) and s
+                and all(isinstance(v, _SCALARS) for v in s.values()) for g, s in c.items())
+    if not plain:
+        return yaml.safe_dump(c, sort_keys=False, default_flow_style=False)
+    parts = []
+    for group, section in c.items():
+        parts.append(f"{group}:\n")
+        for key, value in section.items():
+            memo = (key, type(value), value)
+            line = _YAML_LINES.get(memo)
+            if line is None:
+                line = "".join("  " + ln for ln in yaml.safe_dump({key: value}, default_flow_style=False, width=78)
+                               .splitlines(keepends=True))
+                if len(_YAML_LINES) < 200_000:
+                    _YAML_LINES[memo] = line
+            parts.append(line)
+    return "".join(parts)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+_YAML_LINES: dict[tuple, str] = {}
 
 
 def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint: str = "",
@@ -328,26 +373,48 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
     without a store) stays where it is. An existing snapshot is never rewritten (a queued cell keeps the
     config it was planned with). Returns the number of new cells.
     """
-    new = 0
-    for cell in plan.cells:
-        d = plan.cell_dir(cell.id)
+    root = str(cellstate.cells_root(plan.sweep_dir))
+    os.makedirs(root, exist_ok=True)
+    if store is not None:
+        os.makedirs(store, exist_ok=True)
+
+    def write(cell: PlannedCell) -> bool:
+        d = os.path.join(root, cell.id)
         if store is not None and not os.path.lexists(d):
-            target = Path(store) / cell.id
-            target.mkdir(parents=True, exist_ok=True)
-            d.parent.mkdir(parents=True, exist_ok=True)
+            target = os.path.join(store, cell.id)
+            try:
+                os.mkdir(target)
+            except FileExistsError:
+                pass
             try:
                 os.symlink(target, d, target_is_directory=True)
             except FileExistsError:  # another launcher linked it first: the same target
                 pass
-        snap = d / fileio.CONFIG
+        else:
+            os.makedirs(d, exist_ok=True)
+        snap = os.path.join(d, fileio.CONFIG)
+        data = snapshot_yaml(cell.config).encode()
+        try:  # a new cell: one write() of a new file (a kill cannot split it; a crash may leave it empty)
+            fd = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if os.path.getsize(snap) > 0:  # planned before: its snapshot is never rewritten
+                return False
+            fileio.write_text_atomic(snap, data.decode(), fsync=False)  # empty: a write lost to a crash
+            return True
         try:
-            if os.path.getsize(snap) > 0:  # empty: a write lost to a crash (no fsync): write again
-                continue
-        except FileNotFoundError:
-            pass
-        d.mkdir(parents=True, exist_ok=True)
-        fileio.write_text_atomic(snap, snapshot_yaml(cell.config), fsync=False)
-        new += 1
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return True
+
+    # Creating a cell is a few metadata operations, each waiting on the filesystem: overlap them.
+    if len(plan.cells) > 256:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            new = sum(pool.map(write, plan.cells, chunksize=64))
+    else:
+        new = sum(write(c) for c in plan.cells)
     manifest.write_plan(plan.sweep_dir, plan.plan_id, [c.record for c in plan.cells],
                         extra={"overrides": list(argv_overrides), "fingerprint": fingerprint,
                                "job_cells": plan.job_cells})
@@ -403,3 +470,84 @@ def cached_plan(sweep_dir: Path, job_overrides: Sequence[Sequence[str]], fp: str
                          role=c.get("role", "proxy"))
         cells.append(PlannedCell(record=rec, config={}))
     return Plan(sweep_dir=sweep_dir, plan_id=pid, cells=cells, job_cells=list(d["job_cells"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: checked before any cell starts, without importing torch here
+
+
+def model_check_cache() -> Path:
+    """Where answers of :mod:`proxyattention.modelcheck` are remembered (per torch and timm version)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "proxyattention" / "model-checks.json"
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"torch {version('torch')} timm {version('timm')}"
+    except PackageNotFoundError:
+        return ""
+
+
+def check_models(plan: Plan) -> None:
+    """Refuse the plan, naming the key and a job, if a cell's ``model.name`` is not a timm model or its
+    CAM target layer gives no real map at its ``dataset.image_size`` (what the trial would refuse).
+
+    Each distinct (name, target layer, image size) is checked once per torch/timm version, in a
+    subprocess that builds the model without weights on the meta device (see
+    :mod:`proxyattention.modelcheck`); the answer is remembered in :func:`model_check_cache`.
+    """
+    specs: dict[str, tuple[dict, CellRecord]] = {}
+    for cell in plan.cells:
+        if not cell.config:
+            continue
+        m, d = cell.config["model"], cell.config["dataset"]
+        spec = {"name": m["name"], "target_layer": m.get("target_layer"), "image_size": d["image_size"]}
+        key = json.dumps(spec, sort_keys=True)
+        if key not in specs or specs[key][1].role == "baseline":  # name a job the user wrote
+            specs[key] = (spec, cell.record)
+    if not specs:
+        return
+    versions = _versions()
+    path = model_check_cache()
+    cache = fileio.read_json(path) or {}
+    known = cache.get(versions, {}) if isinstance(cache.get(versions), dict) else {}
+    missing = [k for k in specs if k not in known]
+    if missing:
+        answers = _run_model_check([specs[k][0] for k in missing])
+        if answers is None:
+            return  # the checker itself could not run: each trial still checks its model
+        known.update(zip(missing, answers))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fileio.write_json_atomic(path, {versions: known})
+        except OSError:
+            pass  # a read-only home: check again next time
+    errors = []
+    for key, (spec, record) in specs.items():
+        error = known[key].get("error")
+        if error:
+            errors.append(_job_msg(record.overrides, error))
+    if errors:
+        raise PlanError("\n".join(errors) + "\nNo cell was started; fix the override and run again.")
+
+
+def _run_model_check(specs: list[dict]) -> Optional[list[dict]]:
+    import subprocess
+    import sys
+
+    why = "no answer"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "proxyattention.modelcheck"], input=json.dumps(specs),
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0:
+            answers = json.loads(proc.stdout)
+            if isinstance(answers, list) and len(answers) == len(specs):
+                return answers
+        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        why = str(e)
+    log.warning("could not check the models before the sweep (%s); each cell checks its own", why)
+    return None

@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import logging
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,16 +30,23 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.cellproc import CELL_MODULE
+from proxyattention import cellstate, fileio
 
 log = logging.getLogger(__name__)
 
 # The exit code of the last launch; ``python -m launcher`` exits with it (Hydra itself returns None).
 EXIT_CODE = 0
+# Set by ``python -m launcher``: jobs must become cells, so a launcher that is not ours is refused.
+CELL_LAUNCHERS_ONLY = False
+FOREIGN_LAUNCHER = ("python -m launcher runs sweeps through this project's launchers only "
+                    "(hydra/launcher=local, slurm or slurm_v100); to run trials with one of Hydra's own "
+                    "launchers use python -m proxyattention.train -m hydra/launcher=NAME ...")
 
 
 @dataclass
@@ -56,6 +64,9 @@ class LocalLauncherConf:
     stale_after_s: float = 120.0  # a claim from another host without heartbeat this long is taken over
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = "outputs/cells"  # the cell store every sweep links its cells from (null: none)
+    list_rows: int = 60  # rows of a dry run's listing (0: every cell)
+    objective: str = "val/acc_best"  # what each job returns to an adaptive sweeper (a validation metric)
+    objective_vs_baseline: bool = False  # return proxy − paired baseline of the objective instead
 
 
 @dataclass
@@ -73,15 +84,22 @@ def register_configs() -> None:
     cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConf, provider="proxyattention")
 
 
-def sweep_name(task_overrides: Any) -> str:
-    """The default sweep folder name: readable overrides plus a hash of them, sorted.
+def sweep_name(task_overrides: Any, config_name: Optional[str] = None, params: Any = None) -> str:
+    """The default sweep folder name: readable overrides plus a hash of everything that defines the jobs.
 
-    The same command line (in any order) names the same folder, so re-issuing it resumes.
+    That is the command-line overrides (in any order), the sweeper's ``params`` from YAML (a saved sweep,
+    ``--config-name``) and the config's name when it is not the default one. The same definition names
+    the same folder, so re-issuing it resumes; cells are reused from the store whatever the folder.
     """
     items = sorted(str(o) for o in (task_overrides or []))
-    digest = hashlib.sha256("\n".join(items).encode()).hexdigest()[:10]
+    defined = list(items)
+    if params:
+        defined += sorted(f"params:{k}={v}" for k, v in dict(params).items())
+    if config_name and config_name != "config":
+        defined.append(f"config_name={config_name}")
+    digest = hashlib.sha256("\n".join(defined).encode()).hexdigest()[:10]
     # Readable part: `key=value` for single values, `key` alone for swept ones (a,b / quoted lists).
-    words = []
+    words = [config_name] if config_name and config_name != "config" else []
     for o in items:
         key, _, value = o.lstrip("+~").partition("=")
         words.append(key if ("," in value or not value) else f"{key}={value}")
@@ -98,7 +116,9 @@ def register_resolvers() -> None:
 
 
 class CellSweeper(BasicSweeper):
-    """Hydra's BasicSweeper, minus composing every job twice (the launcher validates them all)."""
+    """Hydra's BasicSweeper, minus composing every job twice (the launcher validates them all), minus
+    its writes before the launcher has planned (the launcher writes ``multirun.yaml`` with the plan, so
+    a dry run or a refused plan writes nothing), with one summary and one exit code for all batches."""
 
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
         # Not super().__init__: Hydra's plugin scan re-executes basic_sweeper.py, and its
@@ -117,12 +137,52 @@ class CellSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         """Every batch runs (a failed cell never stops the sweep); then the command fails if any cell of
         any batch is not DONE, for every entry point (``python -m proxyattention.train -m`` too)."""
-        returns = BasicSweeper.sweep(self, arguments)
-        if EXIT_CODE:  # one line, no traceback: the summary above already lists the cells
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import IntervalSweep
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        ours = isinstance(self.launcher, SweepLauncher)
+        if CELL_LAUNCHERS_ONLY and not ours:
+            raise SweepError(FOREIGN_LAUNCHER)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        for o in overrides:
+            if isinstance(o.value(), IntervalSweep):
+                raise SweepError(
+                    f"{o.input_line}: interval() is a search range for an adaptive sweeper; add "
+                    "hydra/sweeper=optuna (pip install -e '.[optuna]'), or give the grid a list "
+                    "(a,b,c), range(start,stop,step) or choice(a,b)")
+        self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        if not ours:  # Hydra's own launchers: Hydra's own record of the sweep, as BasicSweeper writes it
+            sweep_dir = Path(self.config.hydra.sweep.dir)
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        if ours:
+            self.launcher.defer_summary = True  # one summary for the whole command, printed below
+        returns: List[Sequence[JobReturn]] = []
+        initial_job_idx = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
+            initial_job_idx += len(batch)
+            returns.append(results)
+        if ours:
+            self.launcher.print_summary()
+        code = EXIT_CODE if ours else max((_job_code(r) for rs in returns for r in rs), default=0)
+        if code:  # one line, no traceback: the summary above lists the cells
             print("error: not every cell of this sweep is DONE (the summary above lists them); re-issue "
                   "the command to run only those", file=sys.stderr)
-            sys.exit(EXIT_CODE)
+            sys.exit(code)
         return returns
+
+
+class SweepError(CompactHydraException):
+    """A sweep that cannot start (printed as one line by Hydra, exit code 1)."""
+
+
+def _job_code(ret: JobReturn) -> int:
+    """A job of a launcher that is not ours (``hydra/launcher=basic``): 1 if it failed."""
+    return 1 if ret.status == JobStatus.FAILED else 0
 
 
 class SweepLauncher(Launcher):
@@ -134,10 +194,14 @@ class SweepLauncher(Launcher):
         self.params = params
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.defer_summary = False  # CellSweeper prints one summary after the last batch
+        self._records: dict[str, Any] = {}  # every cell of this command, over all batches
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        self.task_function = task_function
 
     def _compose(self, overrides: List[str]) -> DictConfig:
         assert self.hydra_context is not None and self.config is not None
@@ -149,7 +213,20 @@ class SweepLauncher(Launcher):
         from launcher import plan as planning
 
         assert self.config is not None
+        launcher_cfg = self.config.hydra.launcher
+        backend = importlib.import_module(f"launcher.{self.backend}")
+        check = getattr(backend, "check_options", None)
+        if check is not None:  # launcher options are refused before anything is planned or written
+            try:
+                check(launcher_cfg)
+            except ValueError as e:
+                raise SweepError(str(e)) from None
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        dry_run = bool(launcher_cfg.get("dry_run", False))
+        if self.backend == "slurm" and not dry_run and shutil.which("sbatch") is None:
+            raise SweepError("hydra/launcher=slurm needs Slurm, and this machine has no sbatch on its PATH: "
+                             "launch from a machine of the cluster (a login node), or add "
+                             "hydra.launcher.dry_run=true to see the cells and the batch script")
         jobs = [list(j) for j in job_overrides]
         t0 = time.perf_counter()
         fp = planning.fingerprint(_config_dirs(self.config))
@@ -160,21 +237,148 @@ class SweepLauncher(Launcher):
                 plan = planning.plan_sweep(jobs, self._compose, sweep_dir, progress=bar.update)
             finally:
                 bar.close()
-            task = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
-            if not self.config.hydra.launcher.get("dry_run", False):  # a dry run writes nothing
-                store = self.config.hydra.launcher.get("store")
+            planning.check_models(plan)
+            if not dry_run:  # a dry run writes nothing
+                store_opt = launcher_cfg.get("store")
+                store = Path(store_opt).absolute() if store_opt else None
+                _writable(sweep_dir, "hydra.sweep.dir")
+                if store is not None:
+                    _writable(store, "hydra.launcher.store")
+                task = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
                 new = planning.write_plan_files(plan, task, fingerprint=fp,  # type: ignore[arg-type]
-                                                store=Path(store).absolute() if store else None)
+                                                store=store)
+                # The sweep's Hydra config, as Hydra records it: written when the sweep's plan changes.
+                fileio.write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
             else:
                 new = 0
             log.debug("planned %d cells (%d new) in %.2fs", len(plan.cells), new, time.perf_counter() - t0)
         records = [c.record for c in plan.cells]
-        backend = importlib.import_module(f"launcher.{self.backend}")
-        EXIT_CODE = max(EXIT_CODE, backend.run(sweep_dir, records, self.config.hydra.launcher))  # all batches
-        root, name = str(sweep_dir / "cells"), str(self.config.hydra.job.name)
-        return [JobReturn(overrides=jobs[i], working_dir=f"{root}/{cid}", task_name=name,
-                          status=JobStatus.COMPLETED, _return_value=cid)
-                for i, cid in enumerate(plan.job_cells)]
+        for r in records:
+            self._records.setdefault(r.id, r)
+        extra = {"summary": not self.defer_summary} if self.backend == "local" else {}
+        hooks = _JobCallbacks.of(self, plan) if self.backend == "local" and not dry_run else None
+        if hooks is not None:
+            extra["hooks"] = hooks
+        EXIT_CODE = max(EXIT_CODE, backend.run(sweep_dir, records, launcher_cfg, **extra))  # all batches
+        if dry_run and not self.defer_summary:  # an adaptive sweeper: later trials depend on results
+            print("dry run: an adaptive sweeper chooses its next trials from the results of these; "
+                  "only its first batch is shown")
+            sys.exit(0)
+        name = str(self.config.hydra.job.name)
+        if self.defer_summary:  # the grid sweeper reads no job return: skip reading every cell again
+            return [JobReturn(overrides=j, working_dir=str(cellstate.cell_dir(sweep_dir, cid)), task_name=name,
+                              status=JobStatus.UNKNOWN) for j, cid in zip(jobs, plan.job_cells)]
+        baselines = {c.id: c.record.baseline for c in plan.cells}
+        return job_returns(sweep_dir, jobs, plan.job_cells, name, launcher_cfg, baselines)
+
+    def print_summary(self) -> None:
+        """One summary table of every cell this command planned (all batches)."""
+        from launcher.console import Console
+
+        if not self._records or self.config is None or self.config.hydra.launcher.get("dry_run", False):
+            return
+        if self.backend != "local":
+            return  # the Slurm backend reports what it submitted per batch; its cells run later
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        records = list(self._records.values())
+        stale = float(self.config.hydra.launcher.get("stale_after_s", cellstate.DEFAULT_STALE_AFTER_S))
+        statuses = {r.id: cellstate.effective_status(cellstate.read_status(cellstate.cell_dir(sweep_dir, r.id)),
+                                                     stale) for r in records}
+        Console(records).summary(records, statuses, sweep_dir)
+
+
+class CellNotDone(CompactHydraException):
+    """The ``return_value`` of a job whose cell did not finish DONE (Hydra raises it when read)."""
+
+
+def job_returns(sweep_dir: Path, jobs: Sequence[Sequence[str]], job_cells: Sequence[str], task_name: str,
+                launcher_cfg: Any = None, baselines: Optional[dict[str, Optional[str]]] = None) -> list[JobReturn]:
+    """One ``JobReturn`` per Hydra job: COMPLETED with the cell's objective (launcher.objective) when its
+    cell is DONE, else FAILED, so adaptive sweepers see a failed cell as a failed trial."""
+    from launcher import objective
+
+    cfg = launcher_cfg if launcher_cfg is not None else {}
+    name = cfg.get("objective") or objective.DEFAULT
+    gain = bool(cfg.get("objective_vs_baseline", False))
+    out = []
+    for overrides, cid in zip(jobs, job_cells):
+        cell = cellstate.cell_dir(sweep_dir, cid)
+        status = cellstate.read_status(cell)
+        ret = JobReturn(overrides=list(overrides), working_dir=str(cell), task_name=task_name)
+        base = (baselines or {}).get(cid)
+        base_status = cellstate.read_status(cellstate.cell_dir(sweep_dir, base)) if gain and base else None
+        if status.state == cellstate.CellState.DONE and (base_status is None
+                                                         or base_status.state == cellstate.CellState.DONE):
+            ret.status = JobStatus.COMPLETED
+            if gain:
+                ret.return_value = 0.0 if base is None else objective.value(
+                    cell, name, cellstate.cell_dir(sweep_dir, base))
+            else:
+                ret.return_value = objective.value(cell, name)
+        else:
+            ret.status = JobStatus.FAILED
+            failed, fstatus = (cid, status) if status.state != cellstate.CellState.DONE else (base, base_status)
+            assert fstatus is not None
+            ret.return_value = CellNotDone(f"cell {failed} is {fstatus.state.value}: "
+                                           f"{cellstate.error_headline(fstatus.error) or 'not run'}")
+        out.append(ret)
+    return out
+
+
+class _JobCallbacks:
+    """Hydra's ``hydra.callbacks`` ``on_job_start`` / ``on_job_end``, fired for each cell the local
+    backend runs, in the launcher process (a cell is not a Hydra job of its own). The config they get is
+    the sweep's config with the cell's trial groups, ``hydra.job.id`` the cell id, ``hydra.job.num`` its
+    job number and ``hydra.runtime.output_dir`` the cell folder."""
+
+    def __init__(self, launcher: "SweepLauncher", plan: Any) -> None:
+        assert launcher.config is not None and launcher.hydra_context is not None
+        self.config = launcher.config
+        self.task_function = launcher.task_function
+        self.plan = plan
+        self.callbacks = launcher.hydra_context.callbacks  # the instances Hydra made for this command
+        self.job_num = {cid: i for i, cid in reversed(list(enumerate(plan.job_cells)))}
+
+    @classmethod
+    def of(cls, launcher: "SweepLauncher", plan: Any) -> Optional["_JobCallbacks"]:
+        assert launcher.config is not None
+        return cls(launcher, plan) if launcher.config.hydra.get("callbacks") else None
+
+    def job_config(self, cid: str) -> DictConfig:
+        from omegaconf import open_dict
+
+        cell = cellstate.cell_dir(self.plan.sweep_dir, cid)
+        trial = OmegaConf.load(cell / fileio.CONFIG)
+        cfg = OmegaConf.merge(OmegaConf.masked_copy(self.config, ["hydra"]), trial)
+        record = next((c.record for c in self.plan.cells if c.id == cid), None)
+        with open_dict(cfg):
+            cfg.hydra.job.id = cid
+            cfg.hydra.job.num = self.job_num.get(cid, -1)
+            cfg.hydra.runtime.output_dir = str(cell)
+            cfg.hydra.overrides.task = list(record.overrides) if record is not None else []
+        return cfg
+
+    def start(self, cid: str) -> None:
+        self.callbacks.on_job_start(config=self.job_config(cid), task_function=self.task_function)
+
+    def end(self, cid: str) -> None:
+        cfg = self.job_config(cid)
+        ret = job_returns(self.plan.sweep_dir, [cfg.hydra.overrides.task], [cid], str(cfg.hydra.job.name),
+                          self.config.hydra.launcher, {c.id: c.record.baseline for c in self.plan.cells})[0]
+        self.callbacks.on_job_end(config=cfg, job_return=ret)
+
+
+def _writable(folder: Path, key: str) -> None:
+    """Create ``folder`` if needed and check a file can be written in it, or refuse in one line."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise SweepError(f"{key}={folder} cannot be written ({e.strerror or e}); choose a writable folder "
+                         f"with {key}=DIR") from None
 
 
 def _config_dirs(config: DictConfig) -> list[Path]:

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional
 from launcher import manifest
 from launcher.cellproc import CELL_MODULE
 from launcher.manifest import CellRecord, Claim, Rerun
+from launcher.objective import check_objective
 from launcher.slurm_state import (
     LIVE,
     SlurmRecord,
@@ -103,6 +104,9 @@ class SlurmOptions:
     claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = None  # read by the planner (launcher.plugin): the cell store
+    list_rows: int = 60  # rows of a dry run's listing (0: every cell)
+    objective: str = "val/acc_best"  # what a job returns to an adaptive sweeper (launcher.objective)
+    objective_vs_baseline: bool = False
 
     @property
     def wants_gpu(self) -> bool:
@@ -128,6 +132,9 @@ class SlurmOptions:
                 raise ValueError(f"hydra.launcher.{name}={getattr(opts, name)} must be >= 1")
         if opts.max_array_size is not None and opts.max_array_size < 1:
             raise ValueError(f"hydra.launcher.max_array_size={opts.max_array_size} must be >= 1 (or null)")
+        if opts.list_rows < 0:
+            raise ValueError(f"hydra.launcher.list_rows={opts.list_rows} must be >= 0 (0: every cell)")
+        check_objective(opts.objective)
         if opts.signal_delay_s >= 60 * opts.timeout_min:
             raise ValueError(f"hydra.launcher.signal_delay_s={opts.signal_delay_s} must be shorter than the "
                              f"time limit ({opts.timeout_min} min)")
@@ -305,6 +312,7 @@ class SlurmSubmitter:
 
         self.sweep_dir = Path(sweep_dir)
         self.records = records
+        self._overrides = {r.id: r.overrides for r in records}
         self.opts = opts
         self.rerun = Rerun(opts.rerun)
         self.console = console or Console(records)
@@ -443,6 +451,7 @@ class SlurmSubmitter:
                                        stdout=str(job.paths.stdout).replace("%t", "0"),
                                        stderr=str(job.paths.stderr).replace("%t", "0"),
                                        previous_jobs=previous[-20:]))
+        manifest.write_hydra_metadata(cell, self._overrides.get(cid, []))
         status = cellstate.read_status(cell)
         cellstate.write_status(cell, dataclasses.replace(
             status, state=CellState.PENDING, backend="slurm", job_id=job.job_id, host=None, owner_pid=None,
@@ -466,17 +475,10 @@ class SlurmSubmitter:
         return 0
 
     def _dry_run(self, statuses: dict[str, CellStatus], selected: list[str]) -> int:
-        from launcher.console import table
+        from launcher.console import dry_run_listing
 
-        chosen = set(selected)
-        rows = []
-        for r in self.records:
-            s = statuses[r.id]
-            label = self.console.labels.get(r.id, "")
-            if r.role == "baseline":
-                label = f"[baseline] {label}".rstrip()
-            rows.append([r.id, label or "-", s.state.value, s.job_id or "-", "yes" if r.id in chosen else "no"])
-        self.console.say(table(rows, ["cell", "overrides", "state", "slurm job", "would submit"]))
+        self.console.say(dry_run_listing(self.console, self.records, statuses, selected, self.opts.list_rows,
+                                         slurm=True))
         import shlex
         import sys
 
@@ -496,6 +498,11 @@ class SlurmSubmitter:
         self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
                          f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0
+
+
+def check_options(launcher_cfg: Any) -> None:
+    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run."""
+    SlurmOptions.from_config(launcher_cfg)
 
 
 def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any) -> int:

@@ -63,9 +63,10 @@ def _defaults() -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
-def _float_fields() -> frozenset[str]:
-    return frozenset(f"{g}.{f.name}" for g, s in GROUP_SCHEMAS.items()
-                     for f in dataclasses.fields(s) if f.type in ("float", float))
+def _float_fields() -> dict[str, tuple[str, ...]]:
+    """The float fields of each group's schema."""
+    return {g: tuple(f.name for f in dataclasses.fields(s) if f.type in ("float", float))
+            for g, s in GROUP_SCHEMAS.items()}
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict:
@@ -87,11 +88,10 @@ def complete(cfg: Mapping[str, Any]) -> Plain:
     floats = _float_fields()
     out: Plain = {}
     for group, defaults in _defaults().items():
-        sect = dict(defaults)
-        sect.update(plain.get(group) or {})
-        for k, v in sect.items():
-            if f"{group}.{k}" in floats and isinstance(v, int) and not isinstance(v, bool):
-                sect[k] = float(v)
+        sect = {**defaults, **(plain.get(group) or {})}
+        for k in floats[group]:
+            if type(sect[k]) is int:  # not bool
+                sect[k] = float(sect[k])
         out[group] = sect
     out["proxy"]["schedule"] = parse_schedule(out["proxy"]["schedule"]).text
     return out

@@ -9,6 +9,7 @@ Pure Python (no torch) so the launcher can validate schedules before any cell st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 class ScheduleError(ValueError):
@@ -49,13 +50,18 @@ class Schedule:
 
 
 def parse_schedule(text: str | int, key: str = "proxy.schedule", p_trains: bool = False) -> Schedule:
-    """Parse and validate a schedule string.
+    """Parse and validate a schedule string (cached: a sweep parses the same few thousands of times).
 
     Rules: comma-separated tokens, each a positive integer or ``p``; it starts and ends with epochs, and
     two ``p`` never touch (a proxy step needs an epoch just before it to record misclassified images, and
     one after it to use the proxies).
     """
-    raw = str(text).strip()
+    return _parse(str(text), key, bool(p_trains))
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str, key: str, p_trains: bool) -> Schedule:
+    raw = text.strip()
     hint = (f"{key}={raw!r} is not a valid schedule: write epochs and proxy steps separated by commas, "
             "e.g. '5,p,9,p,4' (integers are training epochs > 0, 'p' is a proxy step, which must sit "
             "between two epoch counts)")

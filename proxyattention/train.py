@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ from proxyattention.proxy import ProxyState, proxy_step
 from proxyattention.schedule import Schedule, parse_schedule, quote_schedule_overrides
 
 log = logging.getLogger(__name__)
+
+
+class TrialFailed(RuntimeError):
+    """A trial run as a job of one of Hydra's own launchers failed (its folder has the error)."""
 
 
 class TrialError(RuntimeError):
@@ -531,6 +536,7 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        e = worker_error(e)
         fileio.write_error(out, e)
         log.error("trial failed: %s (details in %s)", e, out / fileio.ERROR)
         return 1
@@ -540,6 +546,25 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
           f"proxy/images {m['proxy/images']}  in {result['timing']['total_s']:.1f}s\n"
           f"results: {out / fileio.RESULT}\ntensorboard: tensorboard --logdir {out / fileio.TB_DIR}")
     return 0
+
+
+def worker_error(e: Exception) -> Exception:
+    """A DataLoader worker's exception with its own message: torch re-raises it in the main process with
+    "Caught X in DataLoader worker process N" and the worker's whole traceback as the message."""
+    msg = str(e)
+    if not (msg.startswith("Caught ") and "Original Traceback" in msg):
+        return e
+    last = msg.rstrip().splitlines()[-1]
+    m = re.match(r"[\w.]+: (.+)", last)
+    if m is None:
+        return e
+    try:
+        clean = type(e)(m.group(1))
+    except Exception:
+        return e
+    clean.__traceback__ = e.__traceback__
+    clean.__cause__ = RuntimeError(msg)  # the worker's traceback stays in error.json
+    return clean
 
 
 register_configs()
@@ -553,7 +578,13 @@ def _main() -> None:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
-        code = run_trial(cfg, HydraConfig.get().runtime.output_dir)
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        code = run_trial(cfg, hc.runtime.output_dir)
+        if code and hc.mode == RunMode.MULTIRUN:  # a job of one of Hydra's own launchers: the sweep goes on
+            raise TrialFailed(f"the trial in {hc.runtime.output_dir} failed (exit code {code}); see its "
+                              f"{fileio.ERROR}")
         if code:
             sys.exit(code)
 

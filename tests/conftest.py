@@ -41,3 +41,6 @@ def run_module() -> Callable[..., subprocess.CompletedProcess]:
 def _own_cell_store(tmp_path_factory, monkeypatch):
     """Each test gets its own cell store (sweeps share cells through it; tests must not)."""
     monkeypatch.setenv("PROXYATTENTION_STORE", str(tmp_path_factory.mktemp("store")))
+
+
+from fakecell import fake  # noqa: E402,F401  (the stand-in cell's launcher fixture, for every test file)

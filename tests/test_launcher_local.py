@@ -15,70 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from fakecell import cells, runs
 from waiting import wait_for
-
-FAKE_CELL = r'''
-import json, os, subprocess, sys, time, yaml
-cell = sys.argv[1]
-cfg = yaml.safe_load(open(os.path.join(cell, "config.yaml")))
-with open(os.path.join(cell, "runs.log"), "a") as f:
-    f.write(f"{os.getpid()} {os.environ.get('OMP_NUM_THREADS')} {os.environ.get('CUDA_VISIBLE_DEVICES')}\n")
-if os.environ.get("FAKE_GRANDCHILD"):
-    child = subprocess.Popen(["sleep", "300"])
-    open(os.path.join(cell, "grandchild.pid"), "w").write(str(child.pid))
-time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-thr = str(cfg["proxy"]["threshold"]) if cfg["proxy"]["enabled"] else "baseline"
-if thr in os.environ.get("FAKE_FAIL", "").split(","):
-    json.dump({"status": "failed", "type": "FileNotFoundError", "error": f"no data for {thr}",
-               "traceback": "Traceback (most recent call last):\nFileNotFoundError: no data"},
-              open(os.path.join(cell, "error.json"), "w"))
-    sys.exit(1)
-json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": 0.5, "proxy/images": 1},
-           "timing": {"train_s": 0.1, "total_s": 0.2}}, open(os.path.join(cell, "result.json"), "w"))
-'''
-
-
-def default_signals() -> None:
-    """In the child before exec: SIGINT and SIGTERM as a terminal would deliver them."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@pytest.fixture
-def fake(tmp_path):
-    """Run the launcher on stand-in cells: ``fake(*overrides, env=..., background=False)``."""
-    mod = tmp_path / "fakecell"
-    mod.mkdir()
-    (mod / "fake_cell.py").write_text(FAKE_CELL)
-    sweep = tmp_path / "sweep"
-
-    def launch(*overrides: str, env: dict | None = None, background: bool = False, sweep_dir: Path = sweep):
-        full = dict(os.environ, PYTHONPATH=str(mod), **(env or {}))
-        full.pop("CUDA_VISIBLE_DEVICES", None)
-        args = [sys.executable, "-m", "launcher", "model=test_resnet", *overrides,
-                f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.cell_module=fake_cell",
-                "hydra.launcher.heartbeat_s=0.5", "hydra.launcher.gpus=''"]
-        if background:
-            # The test sends it SIGINT/SIGTERM: give it the default handlers whatever this process
-            # inherited (a suite started in the background of a non-interactive shell ignores SIGINT).
-            return subprocess.Popen(args, cwd=tmp_path, env=full, text=True, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, preexec_fn=default_signals)
-        return subprocess.run(args, cwd=tmp_path, env=full, text=True, capture_output=True, timeout=300)
-
-    launch.sweep = sweep
-    return launch
-
-
-def cells(sweep: Path) -> dict[str, dict]:
-    out = subprocess.run([sys.executable, "-m", "launcher.status", str(sweep), "--json"], text=True,
-                         capture_output=True, check=True).stdout
-    return {c["id"]: c for c in json.loads(out)["cells"]}
-
-
-def runs(sweep: Path, cid: str) -> int:
-    log = sweep / "cells" / cid / "runs.log"
-    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def test_sweep_runs_every_cell_once_then_nothing(fake):

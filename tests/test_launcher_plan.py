@@ -9,10 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from launcher.plan import Composer, PlanError, cached_plan, plan_sweep, write_plan_files
+from launcher.plan import (
+    Composer,
+    PlanError,
+    cached_plan,
+    plan_sweep,
+    snapshot_yaml,
+    write_plan_files,
+)
 from launcher.plugin import sweep_name
 from proxyattention.config import register_configs
 from proxyattention.identity import cell_id
@@ -203,3 +211,40 @@ def test_the_same_sweep_planned_under_two_homes_has_the_same_ids(tmp_path):
         listed.append(sorted(ids))
     assert len(listed[0]) == 3  # two proxy cells and their shared baseline
     assert listed[0] == listed[1]
+
+
+@pytest.mark.parametrize("value_overrides", [
+    ["train.seed=7", "proxy.threshold=1", "proxy.weight=0.25"],
+    ["train.seed=+3", "proxy.threshold=0.10", "proxy.weight=1.0"],
+    ["train.seed=-0", "proxy.threshold=.5", "proxy.subset=1e-1"],
+    ["train.seed=007"],
+    ["proxy.threshold=2"],
+    ["train.seed=1.5"],
+])
+def test_the_number_shortcut_reads_values_as_hydra_does(composer_fn, value_overrides):
+    """Plain ``group.key=<number>`` overrides skip Hydra's grammar: same value (type included), or the same
+    refusal, as composing through Hydra."""
+    fast, slow = Composer(composer_fn), Composer(composer_fn, fast=False)
+    job = ["model=test_resnet", *value_overrides]
+
+    def outcome(composer: Composer):
+        try:
+            cfg = composer.trial(job)
+        except PlanError:
+            return "refused"
+        return {k: (v, type(v)) for g in cfg.values() for k, v in g.items()}
+
+    assert outcome(fast) == outcome(slow)
+
+
+def test_snapshots_are_the_yaml_of_their_config(composer_fn, tmp_path):
+    jobs = grid(**{"proxy.threshold": [0.1, 0.85], "train.seed": [0, 12345]})
+    plan = plan_sweep(jobs, composer_fn, tmp_path)
+    for cell in plan.cells:
+        text = snapshot_yaml(cell.config)
+        expected = {g: dict(v) for g, v in cell.config.items()}
+        expected["train"]["progress"] = False
+        assert yaml.safe_load(text) == expected
+        assert text == yaml.safe_dump(expected, sort_keys=False, default_flow_style=False)
+    odd = {"dataset": {"root": "a long value with: colons # and hashes " * 4, "name": "yes"}, "train": {"progress": True}}
+    assert yaml.safe_load(snapshot_yaml(odd)) == {"dataset": odd["dataset"], "train": {"progress": False}}

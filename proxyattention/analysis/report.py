@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -456,8 +457,14 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
     rc = rc or ReportConfig()
     sweep = Path(sweep_dir)
     out = Path(rc.out) if rc.out else sweep / "report"
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    df = load_results(sweep)
+    df = load_results(sweep)  # first: a folder that is not a sweep is named as such
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ResultsError(f"cannot write the report into {out} ({e.strerror or e}); write it elsewhere "
+                           "with report.out=DIR") from None
     results_csv_frame(df).to_csv(out / "results.csv", index=False)
     md = [f"# Proxy Attention report — `{sweep}`", ""]
     if df.empty:
