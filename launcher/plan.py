@@ -84,24 +84,14 @@ class Plan:
 # Validation of a plain trial dict
 
 
-class _View:
-    """Attribute and item access over a plain nested dict, so ``config.validate`` runs on it."""
+class _View(dict):
+    """A plain trial dict whose groups read as attributes too, so ``config.validate`` runs on it."""
 
-    __slots__ = ("_d",)
+    __getattr__ = dict.__getitem__
 
-    def __init__(self, d: dict) -> None:
-        self._d = d
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            v = self._d[key]
-        except KeyError:
-            raise AttributeError(key) from None
-        return _View(v) if isinstance(v, dict) else v
-
-    def __getitem__(self, key: str) -> Any:
-        v = self._d[key]
-        return _View(v) if isinstance(v, dict) else v
+    @classmethod
+    def of(cls, plain: dict) -> "_View":
+        return cls({g: cls(v) if isinstance(v, dict) else v for g, v in plain.items()})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +233,7 @@ class Composer:
             return None
         plain = spell_targets(plain)
         try:
-            validate(_View(plain))  # type: ignore[arg-type]
+            validate(_View.of(plain))  # type: ignore[arg-type]
         except ConfigError as e:
             raise PlanError(_job_msg(overrides, str(e))) from None
         except Exception:
@@ -313,16 +303,14 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
                 errors.append(str(e))
             job_cells.append("")
             continue
-        if identity.is_baseline(plain):
-            cid = identity.cell_id(plain)
-            add(cid, CellRecord(id=cid, overrides=list(overrides), role="baseline"), identity.normalised(plain))
+        config, cid, base, bid = identity.planned(plain)
+        if base is None:
+            add(cid, CellRecord(id=cid, overrides=list(overrides), role="baseline"), config)
         else:
-            base = identity.baseline_of(plain)
-            cid, bid = identity.cell_id(plain), identity.cell_id(base)
+            assert bid is not None
             add(bid, CellRecord(id=bid, overrides=baseline_overrides(overrides, base["proxy"]["schedule"]),
                                 role="baseline"), base)
-            add(cid, CellRecord(id=cid, overrides=list(overrides), baseline=bid, role="proxy"),
-                identity.complete(plain))
+            add(cid, CellRecord(id=cid, overrides=list(overrides), baseline=bid, role="proxy"), config)
         job_cells.append(cid)
     if errors:
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
@@ -377,6 +365,9 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
     os.makedirs(root, exist_ok=True)
     if store is not None:
         os.makedirs(store, exist_ok=True)
+        # Links are relative between the real folders: short (the filesystem keeps them in the inode)
+        # and still right when a folder holding both the sweeps and the store is moved.
+        store_rel = os.path.relpath(os.path.realpath(store), os.path.realpath(root))
 
     def write(cell: PlannedCell) -> bool:
         d = os.path.join(root, cell.id)
@@ -387,7 +378,7 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
             except FileExistsError:
                 pass
             try:
-                os.symlink(target, d, target_is_directory=True)
+                os.symlink(os.path.join(store_rel, cell.id), d, target_is_directory=True)
             except FileExistsError:  # another launcher linked it first: the same target
                 pass
         else:

@@ -75,7 +75,7 @@ def _plain(cfg: Mapping[str, Any]) -> dict:
         from omegaconf import OmegaConf
 
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    return {k: dict(v) if type(v) is dict or isinstance(v, Mapping) else v for k, v in cfg.items()}
 
 
 def complete(cfg: Mapping[str, Any]) -> Plain:
@@ -105,7 +105,11 @@ def is_baseline(cfg: Mapping[str, Any]) -> bool:
 
 def normalised(cfg: Mapping[str, Any]) -> Plain:
     """:func:`complete`, with a baseline's proxy and method groups reset (what its snapshot holds)."""
-    c = complete(cfg)
+    return _normalise(complete(cfg))
+
+
+def _normalise(c: Plain) -> Plain:
+    """``c`` (complete, its own dicts) with a baseline's proxy and method groups reset, in place."""
     if is_baseline(c):
         c["proxy"] = {**BASELINE_PROXY, "schedule": _baseline_schedule(c["proxy"])}
         c["method"] = dict(BASELINE_METHOD)
@@ -119,11 +123,26 @@ def _baseline_schedule(proxy: Mapping[str, Any]) -> str:
 
 def baseline_of(cfg: Mapping[str, Any]) -> Plain:
     """The paired baseline of a trial: same everything, proxy off, schedule without the ``p`` steps."""
+    return _baseline_of_complete(complete(cfg))
+
+
+def _baseline_of_complete(c: Plain) -> Plain:
+    b = {g: dict(v) for g, v in c.items()}
+    b["proxy"]["schedule"] = _baseline_schedule(b["proxy"])
+    b["proxy"]["enabled"] = False
+    b["proxy"]["p_trains"] = False
+    return _normalise(b)
+
+
+def planned(cfg: Mapping[str, Any]) -> tuple[Plain, str, Optional[Plain], Optional[str]]:
+    """What the planner needs of one job, each piece computed once: ``(config its snapshot holds, cell
+    id, paired baseline's config or None for a baseline, baseline id or None)``."""
     c = complete(cfg)
-    c["proxy"]["schedule"] = _baseline_schedule(c["proxy"])
-    c["proxy"]["enabled"] = False
-    c["proxy"]["p_trains"] = False
-    return normalised(c)
+    if is_baseline(c):
+        c = _normalise(c)
+        return c, _digest(_canonicalise(c)), None, None
+    base = _baseline_of_complete(c)
+    return c, _digest(_canonicalise(c)), base, _digest(_canonicalise(base))
 
 
 def data_identity(dataset: Mapping[str, Any]) -> Optional[str]:
@@ -136,7 +155,12 @@ def data_identity(dataset: Mapping[str, Any]) -> Optional[str]:
 
 def canonical(cfg: Mapping[str, Any]) -> Plain:
     """The trial as it affects results (see the module docstring)."""
-    c = normalised(cfg)
+    return _canonicalise(normalised(cfg))
+
+
+def _canonicalise(normal: Plain) -> Plain:
+    """:func:`canonical` of a config :func:`normalised` already (left unchanged)."""
+    c = {g: dict(v) for g, v in normal.items()}
     for key in VOLATILE_KEYS:
         group, name = key.split(".")
         c[group].pop(name, None)
