@@ -224,6 +224,11 @@ class SweepLauncher(Launcher):
                 raise SweepError(str(e)) from None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         dry_run = bool(launcher_cfg.get("dry_run", False))
+        if self.backend == "slurm" and not dry_run and not self.defer_summary:
+            raise SweepError("an adaptive sweeper (hydra/sweeper=optuna, ...) needs each batch's results "
+                             "before it picks the next, and hydra/launcher=slurm submits and exits: run it "
+                             "with hydra/launcher=local, e.g. inside an allocation (salloc/srun ... python "
+                             "-m launcher hydra/sweeper=optuna ... hydra.launcher.workers=N)")
         if self.backend == "slurm" and not dry_run and shutil.which("sbatch") is None:
             raise SweepError("hydra/launcher=slurm needs Slurm, and this machine has no sbatch on its PATH: "
                              "launch from a machine of the cluster (a login node), or add "

@@ -1,7 +1,8 @@
 """A stand-in cell (no torch; a second each) and the ``fake`` launcher fixture that runs sweeps on it.
 
 The stand-in reads its ``config.yaml`` like the real cell, appends one line to ``runs.log`` per run,
-and behaves as the environment says: ``FAKE_SLEEP`` seconds, ``FAKE_FAIL`` thresholds that fail.
+and behaves as the environment says: ``FAKE_SLEEP`` seconds, ``FAKE_FAIL`` thresholds that fail. Its
+``val/acc_best`` is 0.5 for a baseline and 0.5 + threshold / 10 for a proxy cell.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ if thr in os.environ.get("FAKE_FAIL", "").split(","):
                "traceback": "Traceback (most recent call last):\nFileNotFoundError: no data"},
               open(os.path.join(cell, "error.json"), "w"))
     sys.exit(1)
-json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": 0.5, "proxy/images": 1},
+val = 0.5 + (cfg["proxy"]["threshold"] / 10 if cfg["proxy"]["enabled"] else 0.0)  # a landscape to search
+json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": val, "proxy/images": 1},
            "timing": {"train_s": 0.1, "total_s": 0.2}}, open(os.path.join(cell, "result.json"), "w"))
 '''
 

@@ -99,6 +99,32 @@ def figure_hyperparameters(df: pd.DataFrame, params: Sequence[str], path: Path, 
     return drawn
 
 
+def figure_search(df: pd.DataFrame, keys: Sequence[str], path: Path, objective: str) -> list[str]:
+    """An adaptive sweep's trials: ``objective`` of each DONE proxy cell against each searched key (one
+    panel each), the best trial ringed, the paired baselines' mean dashed. Returns the keys drawn."""
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    drawn = [k for k in keys if k in proxy and objective in proxy and proxy[k].nunique() >= 2]
+    if not drawn:
+        return []
+    plt = _plt()
+    fig, axes = _panels(plt, len(drawn))
+    base = df[(df["state"] == "DONE") & (df["role"] == "baseline")]
+    y = proxy[objective].astype(float)
+    best = y.idxmax()
+    for ax, key in zip(axes, drawn):
+        x = proxy[key].astype(float)
+        ax.scatter(x, y, s=18, color="#1f77b4")
+        ax.scatter([x[best]], [y[best]], s=80, facecolors="none", edgecolors="#ff7f0e", linewidths=1.5)
+        if objective in base and not base.empty:
+            ax.axhline(float(base[objective].mean()), ls="--", lw=1, color="#7f7f7f")
+        ax.set_xlabel(key)
+        ax.set_ylabel(objective)
+    axes[0].set_title("one point per trial; ringed: best; dashed: baseline", fontsize=8)
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
 def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:
     """cell_id → the per-epoch ``history`` of its ``result.json``."""
     out = {}

@@ -28,6 +28,7 @@ from proxyattention.analysis.figures import (
     figure_bars,
     figure_curves,
     figure_hyperparameters,
+    figure_search,
 )
 from proxyattention.analysis.maps import attention_grid, map_pairs
 from proxyattention.analysis.stats import (
@@ -402,6 +403,40 @@ def _figures_section(df: pd.DataFrame, labels: dict[str, str], bar_rows: pd.Data
     return md + ["", "## Figures", ""] + [f"![{alt}](figures/{name})" for name, alt in figs]
 
 
+GRID_SWEEPERS = ("CellSweeper", "BasicSweeper")
+
+
+def _search_section(df: pd.DataFrame, sweep: Path, out: Path) -> list[str]:
+    """For a sweep run by an adaptive sweeper (Optuna, …; read from its ``multirun.yaml``): the trials,
+    the best one by the objective the sweeper maximised, and the objective against each searched key."""
+    import yaml
+
+    try:
+        hydra_cfg = (yaml.safe_load((sweep / "multirun.yaml").read_text()) or {}).get("hydra", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    sweeper = hydra_cfg.get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    if not target or target.endswith(GRID_SWEEPERS):
+        return []
+    keys = [str(k) for k in (sweeper.get("params") or {})]
+    objective = str((hydra_cfg.get("launcher") or {}).get("objective") or "val/acc_best")
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    md = ["", "## Search", "", f"An adaptive sweep (`{target.rsplit('.', 1)[-1]}`): {len(proxy)} DONE trials, "
+          f"each a cell; the sweeper saw `{objective}` (validation, so the test numbers below were not used "
+          "to choose)."]
+    if objective in proxy and not proxy.empty:
+        best = proxy.loc[proxy[objective].astype(float).idxmax()]
+        chosen = ", ".join(f"`{k}={best[k]:.4g}`" if isinstance(best[k], float) else f"`{k}={best[k]}`"
+                           for k in keys if k in best)
+        md.append(f"Best trial: cell `{best['cell_id']}`, {chosen}: `{objective}` {float(best[objective]):.4f}, "
+                  f"`test/acc` {float(best['test/acc']):.4f}.")
+    drawn = figure_search(df, keys, out / "figures" / "search.png", objective)
+    if drawn:
+        md += ["", f"![{objective} against {', '.join(drawn)}](figures/search.png)"]
+    return md
+
+
 def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfig, out: Path) -> list[str]:
     """The tables of ``rc.metric`` (by dataset and model, by each hyperparameter, every configuration),
     the explainability table and the figures."""
@@ -481,6 +516,7 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
                f"order and epochs), with a {rc.level:.0%} Student-t interval over seeds. Notes flag a "
                f"missing baseline, fewer than {MIN_SEEDS} seeds, and intervals that contain 0 (no "
                f"evidence of a difference)."]
+    md += _search_section(df, sweep, out)
     md += _accuracy_sections(df, labels, rc, out)
     md += _maps_section(df, labels, rc, out)
     md += _refused_pairs(df)
