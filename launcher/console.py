@@ -61,11 +61,20 @@ class Console:
 
     def __init__(self, records: Sequence[CellRecord], stream: TextIO = sys.stdout) -> None:
         self.stream = stream
-        self.labels = distinguishing(records)
+        self._records = records
+        self._labels: Optional[dict[str, str]] = None
         self.roles = {r.id: r.role for r in records}
         self._lock = threading.Lock()
         self._bar = None
         self._n_run = 0
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Each cell's distinguishing overrides (computed when first shown: a re-issue of a DONE sweep
+        whose summary is printed elsewhere never needs them)."""
+        if self._labels is None:
+            self._labels = distinguishing(self._records)
+        return self._labels
 
     def say(self, text: str) -> None:
         with self._lock:

@@ -134,9 +134,11 @@ class LocalRunner:
     """Run the cells of a plan that the rerun mode selects; return the launcher's exit code."""
 
     def __init__(self, sweep_dir: Path, records: list[CellRecord], options: LocalOptions,
-                 console: Optional[Console] = None, summary: bool = True, hooks: Any = None) -> None:
+                 console: Optional[Console] = None, summary: bool = True, hooks: Any = None,
+                 collect: Optional[dict] = None) -> None:
         self.sweep_dir = Path(sweep_dir)
         self.summary = summary  # False: the caller prints one summary for several launches
+        self.collect = collect  # filled with every cell's final status, for the caller's summary
         self._overrides = {r.id: r.overrides for r in records}
         self.hooks = hooks  # Hydra's job callbacks: .start(cell_id) before a cell runs, .end(cell_id) after
         self.records = records
@@ -373,6 +375,8 @@ class LocalRunner:
     def _finish(self) -> int:
         for cid in self._touched:
             self.statuses[cid] = self._status(cid)
+        if self.collect is not None:
+            self.collect.update(self.statuses)
         if self.summary:
             self.console.summary(self.records, self.statuses, self.sweep_dir)
         return 0 if all(s.state == CellState.DONE for s in self.statuses.values()) else 1
@@ -394,10 +398,11 @@ def check_options(launcher_cfg: Any) -> None:
 
 
 def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True,
-        hooks: Any = None) -> int:
+        hooks: Any = None, collect: Optional[dict] = None) -> int:
     """Backend entry point used by :mod:`launcher.plugin`: run the plan's cells, return the exit code.
 
-    ``summary=False`` leaves the summary table to the caller; ``hooks`` get ``start(cell_id)`` before
-    and ``end(cell_id)`` after each cell this launch runs (Hydra's job callbacks)."""
+    ``summary=False`` leaves the summary table to the caller, who may pass ``collect`` (a dict) to get
+    every cell's final status; ``hooks`` get ``start(cell_id)`` before and ``end(cell_id)`` after each
+    cell this launch runs (Hydra's job callbacks)."""
     return LocalRunner(sweep_dir, records, LocalOptions.from_config(launcher_cfg), summary=summary,
-                       hooks=hooks).run()
+                       hooks=hooks, collect=collect).run()

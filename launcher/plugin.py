@@ -198,6 +198,7 @@ class SweepLauncher(Launcher):
         self.task_function: Optional[TaskFunction] = None
         self.defer_summary = False  # CellSweeper prints one summary after the last batch
         self._records: dict[str, Any] = {}  # every cell of this command, over all batches
+        self._statuses: dict[str, Any] = {}  # their final statuses, as the local backend last saw them
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -263,7 +264,9 @@ class SweepLauncher(Launcher):
         records = [c.record for c in plan.cells]
         for r in records:
             self._records.setdefault(r.id, r)
-        extra = {"summary": not self.defer_summary} if self.backend == "local" else {}
+        extra: dict[str, Any] = {}
+        if self.backend == "local":
+            extra = {"summary": not self.defer_summary, "collect": self._statuses}
         hooks = _JobCallbacks.of(self, plan) if self.backend == "local" and not dry_run else None
         if hooks is not None:
             extra["hooks"] = hooks
@@ -274,8 +277,9 @@ class SweepLauncher(Launcher):
             sys.exit(0)
         name = str(self.config.hydra.job.name)
         if self.defer_summary:  # the grid sweeper reads no job return: skip reading every cell again
-            return [JobReturn(overrides=j, working_dir=str(cellstate.cell_dir(sweep_dir, cid)), task_name=name,
-                              status=JobStatus.UNKNOWN) for j, cid in zip(jobs, plan.job_cells)]
+            root = str(cellstate.cells_root(sweep_dir))
+            return [JobReturn(overrides=j, working_dir=f"{root}/{cid}", task_name=name, status=JobStatus.UNKNOWN)
+                    for j, cid in zip(jobs, plan.job_cells)]
         baselines = {c.id: c.record.baseline for c in plan.cells}
         return job_returns(sweep_dir, jobs, plan.job_cells, name, launcher_cfg, baselines)
 
@@ -290,8 +294,8 @@ class SweepLauncher(Launcher):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         records = list(self._records.values())
         stale = float(self.config.hydra.launcher.get("stale_after_s", cellstate.DEFAULT_STALE_AFTER_S))
-        statuses = {r.id: cellstate.effective_status(cellstate.read_status(cellstate.cell_dir(sweep_dir, r.id)),
-                                                     stale) for r in records}
+        statuses = {r.id: self._statuses.get(r.id) or cellstate.effective_status(
+            cellstate.read_status(cellstate.cell_dir(sweep_dir, r.id)), stale) for r in records}
         Console(records).summary(records, statuses, sweep_dir)
 
 
