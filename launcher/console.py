@@ -103,11 +103,13 @@ class Console:
                 self._bar.close()
                 self._bar = None
 
-    def cell(self, cid: str, state: CellState, detail: str = "") -> None:
+    def label(self, cid: str) -> str:
+        """The cell's distinguishing overrides, ``[baseline]`` first for a baseline."""
         label = self.labels.get(cid, "")
-        if self.roles.get(cid) == "baseline":
-            label = f"[baseline] {label}".rstrip()
-        line = f"{state.value:<9} {cid}  {label}"
+        return f"[baseline] {label}".rstrip() if self.roles.get(cid) == "baseline" else label
+
+    def cell(self, cid: str, state: CellState, detail: str = "") -> None:
+        line = f"{state.value:<9} {cid}  {self.label(cid)}"
         if detail:
             line += f"  {detail}"
         self.say(line)
@@ -121,10 +123,7 @@ class Console:
         rows = []
         for r in shown:
             s = statuses[r.id]
-            label = self.labels.get(r.id, "")
-            if r.role == "baseline":
-                label = f"[baseline] {label}".rstrip()
-            rows.append([r.id, label or "-", s.state.value, fmt_acc(s), fmt_duration(s.duration_s)])
+            rows.append([r.id, self.label(r.id) or "-", s.state.value, fmt_acc(s), fmt_duration(s.duration_s)])
         text = table(rows, ["cell", "overrides", "state", "test/acc", "time"])
         if len(order) > len(shown):
             text += f"\n… and {len(order) - len(shown)} more cells (python -m launcher.status {sweep_dir})"
@@ -147,11 +146,8 @@ def dry_run_listing(console: Console, records: Sequence[CellRecord], statuses: d
     shown = order[:limit] if limit else order
     rows = []
     for r in shown:
-        label = console.labels.get(r.id, "")
-        if r.role == "baseline":
-            label = f"[baseline] {label}".rstrip()
         s = statuses[r.id]
-        rows.append([r.id, label or "-", s.state.value] + ([s.job_id or "-"] if slurm else [])
+        rows.append([r.id, console.label(r.id) or "-", s.state.value] + ([s.job_id or "-"] if slurm else [])
                     + ["yes" if r.id in chosen else "no"])
     header = ["cell", "overrides", "state"] + (["slurm job", "would submit"] if slurm else ["would run"])
     text = table(rows, header)

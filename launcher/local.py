@@ -392,8 +392,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def check_options(launcher_cfg: Any) -> None:
-    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run."""
+def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
+    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run (any sweeper can
+    drive this backend: it returns each batch's results)."""
     LocalOptions.from_config(launcher_cfg)
 
 

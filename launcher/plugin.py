@@ -22,7 +22,6 @@ import hashlib
 import importlib
 import logging
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -217,23 +216,12 @@ class SweepLauncher(Launcher):
         assert self.config is not None
         launcher_cfg = self.config.hydra.launcher
         backend = importlib.import_module(f"launcher.{self.backend}")
-        check = getattr(backend, "check_options", None)
-        if check is not None:  # launcher options are refused before anything is planned or written
-            try:
-                check(launcher_cfg)
-            except ValueError as e:
-                raise SweepError(str(e)) from None
+        try:  # refused before anything is planned or written
+            backend.check_options(launcher_cfg, adaptive=not self.defer_summary)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         dry_run = bool(launcher_cfg.get("dry_run", False))
-        if self.backend == "slurm" and not dry_run and not self.defer_summary:
-            raise SweepError("an adaptive sweeper (hydra/sweeper=optuna, ...) needs each batch's results "
-                             "before it picks the next, and hydra/launcher=slurm submits and exits: run it "
-                             "with hydra/launcher=local, e.g. inside an allocation (salloc/srun ... python "
-                             "-m launcher hydra/sweeper=optuna ... hydra.launcher.workers=N)")
-        if self.backend == "slurm" and not dry_run and shutil.which("sbatch") is None:
-            raise SweepError("hydra/launcher=slurm needs Slurm, and this machine has no sbatch on its PATH: "
-                             "launch from a machine of the cluster (a login node), or add "
-                             "hydra.launcher.dry_run=true to see the cells and the batch script")
         jobs = [list(j) for j in job_overrides]
         t0 = time.perf_counter()
         fp = planning.fingerprint(_config_dirs(self.config))
@@ -264,13 +252,10 @@ class SweepLauncher(Launcher):
         records = [c.record for c in plan.cells]
         for r in records:
             self._records.setdefault(r.id, r)
-        extra: dict[str, Any] = {}
-        if self.backend == "local":
-            extra = {"summary": not self.defer_summary, "collect": self._statuses}
-        hooks = _JobCallbacks.of(self, plan) if self.backend == "local" and not dry_run else None
-        if hooks is not None:
-            extra["hooks"] = hooks
-        EXIT_CODE = max(EXIT_CODE, backend.run(sweep_dir, records, launcher_cfg, **extra))  # all batches
+        hooks = None if dry_run else _JobCallbacks.of(self, plan)
+        code = backend.run(sweep_dir, records, launcher_cfg, summary=not self.defer_summary, hooks=hooks,
+                           collect=self._statuses)
+        EXIT_CODE = max(EXIT_CODE, code)  # over all batches
         if dry_run and not self.defer_summary:  # an adaptive sweeper: later trials depend on results
             print("dry run: an adaptive sweeper chooses its next trials from the results of these; "
                   "only its first batch is shown")
@@ -280,23 +265,18 @@ class SweepLauncher(Launcher):
             root = str(cellstate.cells_root(sweep_dir))
             return [JobReturn(overrides=j, working_dir=f"{root}/{cid}", task_name=name, status=JobStatus.UNKNOWN)
                     for j, cid in zip(jobs, plan.job_cells)]
-        baselines = {c.id: c.record.baseline for c in plan.cells}
-        return job_returns(sweep_dir, jobs, plan.job_cells, name, launcher_cfg, baselines)
+        return job_returns(sweep_dir, jobs, plan.job_cells, name, launcher_cfg,
+                           {c.id: c.record.baseline for c in plan.cells})
 
     def print_summary(self) -> None:
         """One summary table of every cell this command planned (all batches)."""
         from launcher.console import Console
 
-        if not self._records or self.config is None or self.config.hydra.launcher.get("dry_run", False):
+        # Only a backend that saw its cells finish has statuses to show (not a dry run, not a submitter).
+        if self.config is None or not self._statuses:
             return
-        if self.backend != "local":
-            return  # the Slurm backend reports what it submitted per batch; its cells run later
-        sweep_dir = Path(self.config.hydra.sweep.dir)
         records = list(self._records.values())
-        stale = float(self.config.hydra.launcher.get("stale_after_s", cellstate.DEFAULT_STALE_AFTER_S))
-        statuses = {r.id: self._statuses.get(r.id) or cellstate.effective_status(
-            cellstate.read_status(cellstate.cell_dir(sweep_dir, r.id)), stale) for r in records}
-        Console(records).summary(records, statuses, sweep_dir)
+        Console(records).summary(records, self._statuses, Path(self.config.hydra.sweep.dir))
 
 
 class CellNotDone(CompactHydraException):
@@ -350,6 +330,8 @@ class _JobCallbacks:
         self.plan = plan
         self.callbacks = launcher.hydra_context.callbacks  # the instances Hydra made for this command
         self.job_num = {cid: i for i, cid in reversed(list(enumerate(plan.job_cells)))}
+        self.records = {c.id: c.record for c in plan.cells}
+        self.baselines = {cid: r.baseline for cid, r in self.records.items()}
 
     @classmethod
     def of(cls, launcher: "SweepLauncher", plan: Any) -> Optional["_JobCallbacks"]:
@@ -362,7 +344,7 @@ class _JobCallbacks:
         cell = cellstate.cell_dir(self.plan.sweep_dir, cid)
         trial = OmegaConf.load(cell / fileio.CONFIG)
         cfg = OmegaConf.merge(OmegaConf.masked_copy(self.config, ["hydra"]), trial)
-        record = next((c.record for c in self.plan.cells if c.id == cid), None)
+        record = self.records.get(cid)
         with open_dict(cfg):
             cfg.hydra.job.id = cid
             cfg.hydra.job.num = self.job_num.get(cid, -1)
@@ -376,7 +358,7 @@ class _JobCallbacks:
     def end(self, cid: str) -> None:
         cfg = self.job_config(cid)
         ret = job_returns(self.plan.sweep_dir, [cfg.hydra.overrides.task], [cid], str(cfg.hydra.job.name),
-                          self.config.hydra.launcher, {c.id: c.record.baseline for c in self.plan.cells})[0]
+                          self.config.hydra.launcher, self.baselines)[0]
         self.callbacks.on_job_end(config=cfg, job_return=ret)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -500,13 +501,29 @@ class SlurmSubmitter:
         return 0
 
 
-def check_options(launcher_cfg: Any) -> None:
-    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run."""
-    SlurmOptions.from_config(launcher_cfg)
+def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
+    """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run, or saying why this
+    launch cannot: an adaptive sweeper (it needs each batch's results, and this backend submits and
+    exits), or no Slurm on this machine (a dry run needs neither)."""
+    opts = SlurmOptions.from_config(launcher_cfg)
+    if opts.dry_run:
+        return
+    if adaptive:
+        raise ValueError("an adaptive sweeper (hydra/sweeper=optuna, ...) needs each batch's results before "
+                         "it picks the next, and hydra/launcher=slurm submits and exits: run it with "
+                         "hydra/launcher=local, e.g. inside an allocation (salloc/srun ... python -m launcher "
+                         "hydra/sweeper=optuna ... hydra.launcher.workers=N)")
+    if shutil.which("sbatch") is None:
+        raise ValueError("hydra/launcher=slurm needs Slurm, and this machine has no sbatch on its PATH: launch "
+                         "from a machine of the cluster (a login node), or add hydra.launcher.dry_run=true to "
+                         "see the cells and the batch script")
 
 
-def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any) -> int:
-    """Backend entry point used by :mod:`launcher.plugin`: submit, print the job ids, return at once."""
+def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True, hooks: Any = None,
+        collect: Optional[dict] = None) -> int:
+    """Backend entry point used by :mod:`launcher.plugin`: submit, print the job ids, return at once.
+
+    ``summary``, ``hooks`` and ``collect`` are the local backend's: a submitter sees no cell finish."""
     try:
         return SlurmSubmitter(sweep_dir, records, SlurmOptions.from_config(launcher_cfg)).run()
     except SubmissionError as e:
