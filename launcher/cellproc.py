@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from launcher.manifest import STDERR, STDOUT, Claim, cell_outcome
-from proxyattention.cellstate import CellState, CellStatus, write_status
+from proxyattention.cellstate import CellState, CellStatus, result_size, write_status
 
 CELL_MODULE = "proxyattention.cell"
 
@@ -85,12 +85,14 @@ def record_end(cell: Path, status: CellStatus, returncode: Optional[int], *, tim
 
     ``timed_out``/``interrupted``: its owner stopped it (wall-clock limit; Ctrl-C or SIGTERM).
     ``time_limit_warned``: Slurm announced the job's time limit, so a kill that follows is TIMEOUT.
-    A CANCELLED cell is marked interrupted: it resumes from its checkpoint when rerun.
+    A CANCELLED cell is marked interrupted: it resumes from its checkpoint when rerun. A DONE status
+    records the size of ``result.json``, which every later read checks (a truncated file reads DAMAGED).
     """
     state, error, metrics = cell_outcome(cell, returncode, timed_out=timed_out, interrupted=interrupted)
     if time_limit_warned and state == CellState.CANCELLED:
         state, error = CellState.TIMEOUT, "time limit reached (requeue is off); rerun resumes from the checkpoint"
     status = status.finished(state, exit_code=returncode, error=error, metrics=metrics,
-                             interrupted=state == CellState.CANCELLED)
+                             interrupted=state == CellState.CANCELLED,
+                             result_size=result_size(cell) if state == CellState.DONE else None)
     write_status(cell, status)
     return status

@@ -12,6 +12,14 @@ is taken over, and a cell process it left behind (orphaned by ``kill -9`` of its
 first, so the rerun is the only process working in that folder. Cells whose Slurm job is queued or
 running are skipped, not waited for (their job runs them; they count as not DONE in the exit code):
 Slurm is asked once, for the cells whose status names a Slurm job, and not at all when none does.
+
+A DAMAGED cell (an entry that cannot be trusted: see :func:`proxyattention.cellstate.read_status`) is
+named with the reason before anything runs; the attempt that redoes it first moves its files into
+``damaged-<stamp>/``. A write that fails mid-sweep because the sweep folder or the store is full or
+read-only (:data:`launcher.manifest.WRITE_ERRNOS`) ends the launch cleanly: running cells are stopped
+and marked CANCELLED where the store still takes the write, the summary is printed, and the
+``OSError`` is raised for the caller to say in one line; a re-issue resumes. Before any cell runs, the
+folders its cells live in are checked to take a write.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class LocalOptions:
     list_rows: int = 60
     objective: str = "val/acc_best"
     objective_vs_baseline: bool = False
+    store: Optional[str] = None  # the cell store: a dry run into a new sweep folder reads cells from it
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LocalOptions":
@@ -109,14 +118,7 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def _cell_process_alive(pid: int, cell: Path) -> bool:
-    """Whether ``pid`` is a live cell process working in ``cell`` (checked by its command line)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-    except OSError:
-        return False
-    return os.path.realpath(cell).encode() in cmd  # a stored cell has one real path, whatever sweep links it
+_cell_process_alive = cellstate.cell_process_alive  # by its command line: the cell's real path
 
 
 def stop_orphan(status: CellStatus, cell: Path) -> bool:
@@ -150,17 +152,34 @@ class LocalRunner:
         self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
         self.statuses: dict[str, CellStatus] = {}
         self._root = str(cellstate.cells_root(self.sweep_dir))
+        self._store = str(Path(options.store).absolute()) if options.store else None
         self._touched: set[str] = set()  # cells this launch ran or waited on: re-read at the end
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = threading.Event()
+        self._stopped = threading.Event()  # every cell process of this launch is gone (after _interrupt)
         self._lock = threading.Lock()
 
     def dir(self, cid: str) -> Path:
         return cellstate.cell_dir(self.sweep_dir, cid)
 
+    def _entry(self, cid: str) -> str:
+        """Where a cell's files are read: the sweep folder's cell, or, when the sweep has not linked it
+        (a dry run into a new sweep folder writes nothing), the store's entry of the same id."""
+        d = os.path.join(self._root, cid)
+        if self._store is not None and not os.path.lexists(d):
+            stored = os.path.join(self._store, cid)
+            if os.path.lexists(stored):
+                return stored
+        return d
+
     def _status(self, cid: str) -> CellStatus:
-        return cellstate.effective_status(cellstate.read_status(os.path.join(self._root, cid)),
-                                         self.opts.stale_after_s)
+        d = self._entry(cid)
+        status = cellstate.effective_status(cellstate.read_status(d), self.opts.stale_after_s, cell=d)
+        if (self._stopped.is_set() and status.state == CellState.RUNNING and status.host == cellstate.HOST
+                and status.owner_pid == self.owner.pid):  # stopped by this launch, its end not recorded
+            status = dataclasses.replace(status, state=CellState.CANCELLED, interrupted=True, error=(
+                "stopped by its launcher, which could not record it (the store took no write); rerun to resume"))
+        return status
 
     # -- one cell, in a worker thread, while holding its claim
     def _run_cell(self, cid: str, claim: Claim, slot: int) -> CellStatus:
@@ -169,15 +188,19 @@ class LocalRunner:
             status = cellstate.read_status(cell)
             if status.state == CellState.RUNNING:
                 stop_orphan(status, cell)
-            if self.rerun is Rerun.ALL:
+            if status.state == CellState.DAMAGED:  # redone from scratch, its files kept aside
+                moved = manifest.set_aside_damaged(cell)
+                if moved is not None:
+                    self.console.say(f"          {cid}  damaged files moved to {moved}")
+                status = CellStatus(attempts=status.attempts)
+            elif self.rerun is Rerun.ALL:
                 moved = manifest.move_aside(cell)
                 if moved is not None:
                     self.console.say(f"          {cid}  earlier results moved to {moved}")
                 status = CellStatus(attempts=status.attempts)
             elif cellstate.read_result(cell) is not None:
                 # Its process finished after its launcher died: the result is complete, adopt it.
-                state, error, metrics = manifest.cell_outcome(cell, 0)
-                status = status.finished(state, exit_code=0, error=error, metrics=metrics)
+                status = manifest.adopted(cell, status)
                 cellstate.write_status(cell, status)
                 return status
             return self._spawn(cid, cell, claim, status, slot)
@@ -202,11 +225,21 @@ class LocalRunner:
         cellstate.write_status(cell, status)
         self.console.cell(cid, CellState.RUNNING, f"(attempt {status.attempts}, pid {proc.pid}, {where})")
         until = None if self.opts.timeout_min is None else time.time() + 60 * self.opts.timeout_min
-        rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s, until=until)
-        timed_out = rc is None
-        if timed_out:
+        try:
+            rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s, until=until)
+            timed_out = rc is None
+            if timed_out:
+                self._terminate(proc)
+                rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s)
+        except BaseException:  # a heartbeat that cannot be written: never leave the cell unsupervised
             self._terminate(proc)
-            rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s)
+            with self._lock:
+                self._procs.pop(cid, None)
+            try:
+                record_end(cell, status, proc.wait(), interrupted=True)
+            except OSError:
+                pass  # the store takes no write: its status reads CANCELLED once this launcher is gone
+            raise
         with self._lock:
             self._procs.pop(cid, None)
         interrupted = self._stopping.is_set() and not timed_out and rc != 0
@@ -253,11 +286,28 @@ class LocalRunner:
                              f"(python -m launcher.status {self.sweep_dir})")
         return [cid for cid in selected if cid not in owned], len(owned)
 
+    def _say_damaged(self, ids: list[str]) -> None:
+        """One line per DAMAGED cell (up to SLURM_LINES, then a count): which cell, and why."""
+        damaged = [cid for cid in ids if self.statuses[cid].state == CellState.DAMAGED]
+        for cid in damaged[:SLURM_LINES]:
+            self.console.cell(cid, CellState.DAMAGED, error_headline(self.statuses[cid].error))
+        if len(damaged) > SLURM_LINES:
+            self.console.say(f"… and {len(damaged) - SLURM_LINES} more DAMAGED cells "
+                             f"(python -m launcher.status {self.sweep_dir})")
+
+    def _check_writable(self, selected: list[str]) -> None:
+        """Raise the ``OSError`` of a folder the selected cells live in that takes no write (a full or
+        read-only sweep folder or store), before any cell is claimed."""
+        folders = {os.path.dirname(os.path.realpath(self.dir(cid))) for cid in selected}
+        for folder in sorted(folders):
+            manifest.check_writable(Path(folder))
+
     # -- the pool
     def run(self) -> int:
         ids = [r.id for r in self.records]
         for cid in ids:
             self.statuses[cid] = self._status(cid)
+        self._say_damaged(ids)
         selected = [cid for cid in ids if self.rerun.wants(self.statuses[cid].state)]
         selected, in_slurm = self._leave_to_slurm(selected)
         if self.opts.dry_run:
@@ -271,6 +321,7 @@ class LocalRunner:
             else:
                 self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to run.")
             return self._finish()
+        self._check_writable(selected)
         self._touched.update(selected)
         skipped = len(ids) - len(selected)
         gpu_note = f"GPUs {','.join(self.gpus)}" if self.gpus else "no GPU"
@@ -278,8 +329,9 @@ class LocalRunner:
                          f"{self.opts.workers} at a time, {self.threads} threads each, {gpu_note}; "
                          f"sweep folder: {self.sweep_dir}")
         self.console.start_progress(len(selected))
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) \
-            if threading.current_thread() is threading.main_thread() else None
+        main = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+        old_int = signal.getsignal(signal.SIGINT) if main else None
         self._pool = cf.ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="cell")
         try:
             self._loop(selected)
@@ -291,9 +343,25 @@ class LocalRunner:
                              "run the same command again to resume them.")
             self._finish()
             return 130
+        except OSError as e:
+            if not manifest.is_write_failure(e):
+                self._interrupt()
+                raise
+            self._interrupt()
+            self.console.close()
+            self.console.say(f"Stopped: a write failed ({e.strerror or e}); running cells were stopped and "
+                             "marked CANCELLED where the store still took the write; queued cells did not "
+                             "start.")
+            self._finish()
+            raise
+        except BaseException:
+            self._interrupt()  # whatever went wrong, no cell keeps running unsupervised
+            raise
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
         self.console.close()
         return self._finish()
 
@@ -352,11 +420,24 @@ class LocalRunner:
                     pending.append(cid)  # its owner is gone: take it over
 
     def _interrupt(self) -> None:
-        """Ctrl-C / SIGTERM: stop every running cell's process group; workers record CANCELLED."""
+        """Ctrl-C / SIGTERM: stop every running cell's process group; workers record CANCELLED.
+
+        The cells get ``KILL_GRACE_S`` to stop on SIGTERM; a second Ctrl-C (or SIGTERM) meanwhile kills
+        them at once (SIGKILL) instead of raising here."""
         self._stopping.set()
         with self._lock:
             running = list(self._procs)
             procs = list(self._procs.values())
+        hurried = threading.Event()
+
+        def kill_now(signum: int, frame: Any) -> None:
+            hurried.set()
+            for p in list(self._procs.values()) + procs:
+                kill_group(p.pid, signal.SIGKILL)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, kill_now)
+            signal.signal(signal.SIGTERM, kill_now)
         for p in procs:
             kill_group(p.pid, signal.SIGTERM)
         deadline = time.time() + KILL_GRACE_S
@@ -368,6 +449,9 @@ class LocalRunner:
             kill_group(p.pid, signal.SIGKILL)
         # The worker threads now see their processes end and write CANCELLED (interrupted).
         self._pool.shutdown(wait=True)
+        self._stopped.set()
+        if hurried.is_set():
+            self.console.say("Interrupted again: the running cells were killed at once.")
         for cid in running:
             status = self._status(cid)
             self.console.cell(cid, status.state, error_headline(status.error))

@@ -17,12 +17,15 @@ Layout of a sweep folder::
         error.json              the end / on failure, with checkpoint.pt, tb/ and trial.log
         stdout.log stderr.log   the cell process's output, appended attempt after attempt
         previous/<stamp>/       results moved aside by a forced rerun (never deleted)
+        damaged-<stamp>/        the files of a DAMAGED attempt, moved aside before it is redone
 
 States (:class:`CellState`): no ``status.json`` means PENDING; RUNNING carries the owner's host and pid
 (or Slurm job id) and a heartbeat; DONE is written only after ``result.json`` parsed with
 ``"status": "done"`` (:func:`cell_outcome`). A RUNNING status whose owner is gone — dead pid on this
 host, or a heartbeat older than ``stale_after_s`` — reads as CANCELLED with ``interrupted=True``
-(:func:`effective_status`): rerunnable, and a rerun resumes from the cell's checkpoint.
+(:func:`effective_status`): rerunnable, and a rerun resumes from the cell's checkpoint. An entry that
+cannot be trusted (see :func:`proxyattention.cellstate.read_status`) reads as DAMAGED: it is not DONE,
+and the attempt that redoes it first moves its files into ``damaged-<stamp>/`` (:func:`set_aside_damaged`).
 
 How a backend runs one cell (the local pool does exactly this; a Slurm job does it on its node)::
 
@@ -44,14 +47,17 @@ the cell writes its results. No file has two writers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
+import errno
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 from proxyattention.cellstate import (
     DEFAULT_STALE_AFTER_S,
@@ -59,8 +65,10 @@ from proxyattention.cellstate import (
     CellState,
     Owner,
     cells_root,
+    is_cell_id,
     owner_gone,
     read_result,
+    result_size,
 )
 from proxyattention.fileio import (
     CONFIG,
@@ -70,10 +78,14 @@ from proxyattention.fileio import (
     write_text_atomic,
 )
 
+if TYPE_CHECKING:
+    from proxyattention.cellstate import CellStatus
+
 PLANS = "plans"
 STDOUT = "stdout.log"
 STDERR = "stderr.log"
 PREVIOUS = "previous"
+DAMAGED_PREFIX = "damaged-"
 CLAIM_PREFIX = "claim."
 ERROR_TAIL_LINES = 12
 
@@ -82,7 +94,8 @@ class Rerun(str, enum.Enum):
     """Which cells a launch runs."""
 
     NOT_DONE = "not_done"  # default: every cell that is not DONE (interrupted ones resume)
-    FAILED = "failed"  # only cells that ended FAILED, TIMEOUT or CANCELLED (or were interrupted)
+    FAILED = "failed"  # only cells that ended FAILED, TIMEOUT, CANCELLED (or were interrupted) or DAMAGED
+    DAMAGED = "damaged"  # only DAMAGED cells (an entry that cannot be trusted), their files set aside first
     ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
 
     @classmethod
@@ -98,6 +111,8 @@ class Rerun(str, enum.Enum):
             return True
         if self is Rerun.FAILED:
             return state.failed
+        if self is Rerun.DAMAGED:
+            return state == CellState.DAMAGED
         return state != CellState.DONE
 
 
@@ -125,7 +140,10 @@ class Claim:
             pass
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:  # a store gone read-only: the claim stays, and its owner's death frees it
+            pass
 
 
 def _claim_generations(cell: Path) -> list[int]:
@@ -158,7 +176,10 @@ def claim_holder(cell: Path, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> Op
         # Claims are linked into place complete, so an unreadable claim is foreign or damaged:
         # judge it by its age only.
         return None if time.time() - mtime > stale_after_s else Owner(HOST, -1, None, "?")
-    owner = Owner.from_dict(d)
+    try:
+        owner = Owner.from_dict(d)
+    except ValueError:  # a claim with wrong types: foreign or damaged, judged by its age like one unreadable
+        return None if time.time() - mtime > stale_after_s else Owner(HOST, -1, None, "?")
     if owner_gone(owner.host, owner.pid, owner.start, mtime, stale_after_s):
         return None
     return owner
@@ -188,10 +209,15 @@ def try_claim(cell: Path, owner: Optional[Owner] = None,
             return None
         new = cell / f"{CLAIM_PREFIX}{top + 1}"
         tmp = cell / f".claim.{owner.host}.{owner.pid}.{owner.token}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(owner.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(owner.to_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full or read-only store: no claim, and no half-written temp file left behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         try:
             os.link(tmp, new)
             won = True
@@ -272,19 +298,21 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
     return CellState.FAILED, (f"exit code {returncode}\n" + tail(cell / STDERR)).strip(), {}
 
 
-def move_aside(cell: Path) -> Optional[Path]:
-    """Move a cell's results, checkpoint, logs and status into ``previous/<stamp>/`` (a forced rerun).
+def move_aside(cell: Path, damaged: bool = False) -> Optional[Path]:
+    """Move a cell's results, checkpoint, logs and status into ``previous/<stamp>/`` (a forced rerun),
+    or with ``damaged`` into ``damaged-<stamp>/`` (a DAMAGED cell about to be redone from scratch).
 
-    Keeps ``config.yaml`` and the claim. Returns the folder they went to, or None if nothing moved.
-    Call only while holding the claim.
+    Keeps ``config.yaml``, the claim and the folders of earlier moves. Returns the folder they went to,
+    or None if nothing moved. Call only while holding the claim.
     """
     cell = Path(cell)
     keep = {CONFIG, PREVIOUS}
     movable = [p for p in cell.iterdir()
-               if p.name not in keep and not p.name.startswith(CLAIM_PREFIX) and not p.name.startswith(".")]
+               if p.name not in keep and not p.name.startswith((CLAIM_PREFIX, ".", DAMAGED_PREFIX))]
     if not movable:
         return None
-    dest = cell / PREVIOUS / time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = cell / (DAMAGED_PREFIX + stamp) if damaged else cell / PREVIOUS / stamp
     n = 1
     while dest.exists():
         n += 1
@@ -312,6 +340,76 @@ class CellRecord:
         return {"id": self.id, "overrides": list(self.overrides), "baseline": self.baseline, "role": self.role}
 
 
+def set_aside_entry(path: str | Path) -> str:
+    """Rename a file found where a cell folder (or store entry) belongs to ``<name>.damaged-<stamp>``
+    beside it (kept, never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = f"{path}.{DAMAGED_PREFIX}{stamp}"
+    n = 1
+    while os.path.lexists(dest):
+        n += 1
+        dest = f"{path}.{DAMAGED_PREFIX}{stamp}.{n}"
+    os.rename(path, dest)
+    return dest
+
+
+def set_aside_damaged(cell: Path) -> Optional[Path]:
+    """Move every file of a DAMAGED cell but its ``config.yaml`` into ``damaged-<stamp>/`` (kept, never
+    deleted) so that it is redone from scratch; returns that folder. Call only while holding the claim."""
+    return move_aside(cell, damaged=True)
+
+
+def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
+    """The DONE status of a cell whose finished result nobody recorded (its launcher died first, or it
+    was run by hand): at least one attempt, its duration and end from ``result.json``."""
+    state, error, metrics = cell_outcome(cell, 0)
+    new = status.finished(state, exit_code=0, error=error, metrics=metrics,
+                          result_size=result_size(cell) if state == CellState.DONE else None)
+    result = read_result(cell) or {}
+    total = (result.get("timing") or {}).get("total_s")
+    try:
+        ended = os.stat(Path(cell) / RESULT).st_mtime
+    except OSError:
+        ended = new.ended
+    duration = total if isinstance(total, (int, float)) and not isinstance(total, bool) else (
+        None if status.started is None else round(ended - status.started, 3))
+    return dataclasses.replace(new, attempts=max(1, status.attempts), ended=ended, duration_s=duration)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Write failures of the sweep folder or the store
+
+
+# A write that fails with one of these means the folder cannot take writes (full, read-only, over quota,
+# no permission, a failing disk): the launch ends cleanly, saying so in one line.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO,
+                          errno.EFBIG})
+
+
+def is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+
+
+def write_failure_line(e: OSError, resume: bool = True) -> str:
+    """The one line that says what could not be written, where, and what to do."""
+    where = f" {e.filename}" if e.filename else ""
+    what = os.strerror(e.errno) if e.errno else str(e)
+    tail = ("; free space or make it writable, then re-issue the same command to resume" if resume
+            else "; free space or make it writable, then run again")
+    return f"cannot write{where} ({what}){tail}"
+
+
+def check_writable(folder: Path) -> None:
+    """Raise the ``OSError`` a write into ``folder`` meets (its ``filename`` the folder), if any."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from None
+
+
 def write_hydra_metadata(cell: Path, overrides: Sequence[str]) -> None:
     """``.hydra/overrides.yaml`` (the job's overrides) and ``.hydra/config.yaml`` (a link to the cell's
     snapshot), where Hydra's tools look for a job's config; written as a cell starts, as Hydra does."""
@@ -337,24 +435,51 @@ def write_plan(sweep_dir: Path, plan_id: str, cells: Iterable[CellRecord], extra
     return path
 
 
+class PlanFileError(ValueError):
+    """A plan file that names something other than cells (the message names the file)."""
+
+
+def plan_cells(path: Path, d: dict) -> list[CellRecord]:
+    """The cells a parsed plan file lists, each id checked to be a cell id (12 hex digits) before it
+    names a folder: a crafted or damaged file is refused (:class:`PlanFileError`), naming the file."""
+    cells = d.get("cells", [])
+    if not isinstance(cells, list):
+        raise PlanFileError(f"{path}: its cells are not a list; the file is damaged: remove it and re-issue "
+                            "the sweep command")
+    out = []
+    for c in cells:
+        cid = c.get("id") if isinstance(c, dict) else None
+        if not is_cell_id(cid):
+            raise PlanFileError(f"{path}: {json.dumps(cid, default=str)[:60]} is not a cell id (12 hex "
+                                "digits); the file is damaged or crafted: remove it and re-issue the sweep "
+                                "command")
+        baseline = c.get("baseline")
+        if baseline is not None and not is_cell_id(baseline):
+            raise PlanFileError(f"{path}: cell {cid} names {json.dumps(baseline, default=str)[:60]} as its "
+                                "baseline, not a cell id; the file is damaged or crafted: remove it and "
+                                "re-issue the sweep command")
+        overrides = c.get("overrides", [])
+        out.append(CellRecord(id=cid, overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
+                              baseline=baseline, role=str(c.get("role", "proxy"))))
+    return out
+
+
 def read_plans(sweep_dir: Path) -> list[CellRecord]:
     """Every cell any plan of the sweep folder names, first mention first (deduplicated by id).
 
     Cell folders that no plan names (e.g. a plan file was deleted) are appended, with no overrides.
+    Raises :class:`PlanFileError` for a plan naming something that is not a cell id.
     """
     sweep_dir = Path(sweep_dir)
     seen: dict[str, CellRecord] = {}
     plan_dir = sweep_dir / PLANS
     paths = sorted(plan_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if plan_dir.is_dir() else []
     for path in paths:
-        d = read_json(path) or {}
-        for c in d.get("cells", []):
-            if c["id"] not in seen:
-                seen[c["id"]] = CellRecord(id=c["id"], overrides=list(c.get("overrides", [])),
-                                           baseline=c.get("baseline"), role=c.get("role", "proxy"))
+        for rec in plan_cells(path, read_json(path) or {}):
+            seen.setdefault(rec.id, rec)
     root = cells_root(sweep_dir)
     if root.is_dir():
         for name in sorted(os.listdir(root)):
-            if name not in seen:
+            if name not in seen and is_cell_id(name):  # not a set-aside ``<id>.damaged-<stamp>`` file
                 seen[name] = CellRecord(id=name, overrides=[], role="unknown")
     return list(seen.values())

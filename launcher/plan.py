@@ -1,7 +1,9 @@
 """Plan a sweep: compose and validate every job, add the paired baselines, name and write the cells.
 
 Every job's config is checked before any cell folder is written, so a bad override (unknown option,
-misspelt key, value out of range) stops the sweep before it starts, naming the override.
+misspelt key, value out of range) stops the sweep before it starts, naming the override. Data read
+from a root is checked once per dataset, and its content fingerprint joins the cells' configs and ids
+(:class:`DataChecks`).
 
 Composing a config through Hydra costs ~0.1 s, which would make a 10,000-cell sweep take a quarter
 of an hour to plan. Grids vary few *config groups* (``model=…``, ``dataset=…``) and many plain values
@@ -15,12 +17,13 @@ both ways and compared (config and cell id); any difference turns the shortcut o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,6 +41,9 @@ from proxyattention.config import (
     to_trial_config,
     validate,
 )
+from proxyattention.data import facts as data_facts
+from proxyattention.data.registry import SOURCES
+from proxyattention.data.samples import DataError
 from proxyattention.schedule import ScheduleError
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,7 @@ class Plan:
     plan_id: str  # hash of the job list: names the sweep definition in plans/
     cells: list[PlannedCell]
     job_cells: list[str]  # the cell id of each Hydra job, in job order
+    datasets: list[dict] = field(default_factory=list)  # the data read from roots (DataChecks.datasets)
 
     def cell_dir(self, cid: str) -> Path:
         return cellstate.cell_dir(self.sweep_dir, cid)
@@ -137,7 +144,7 @@ class Composer:
         return OmegaConf.to_container(trial, resolve=True)  # type: ignore[return-value]
 
     # -- the shortcut
-    def _classify(self, ov: str) -> Optional[tuple[str, str, Any]]:
+    def classify(self, ov: str) -> Optional[tuple[str, str, Any]]:
         """``(group, key, value)`` of a plain ``group.key=value`` override, else None (composed by Hydra)."""
         if ov in self._kind:
             return self._kind[ov]
@@ -212,7 +219,7 @@ class Composer:
     def _fast(self, overrides: Sequence[str]) -> Optional[dict]:
         groups, values = [], []
         for ov in overrides:
-            kind = self._classify(ov)
+            kind = self.classify(ov)
             if kind is None:
                 groups.append(ov)
             else:
@@ -281,6 +288,7 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
     Writes nothing: see :func:`write_plan_files`.
     """
     composer = Composer(compose, fast=fast)
+    data = DataChecks()
     cells: dict[str, PlannedCell] = {}
     order: list[str] = []
     job_cells: list[str] = []
@@ -297,10 +305,14 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
             progress(i)
         try:
             plain = composer.trial(overrides)
+            data_ok = data.identify(plain, overrides)
         except PlanError as e:
             n_bad += 1
             if len(errors) < max_errors and str(e) not in errors:
                 errors.append(str(e))
+            job_cells.append("")
+            continue
+        if not data_ok:  # its dataset was refused for an earlier job: said once
             job_cells.append("")
             continue
         config, cid, base, bid = identity.planned(plain)
@@ -316,7 +328,64 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
         raise PlanError("\n".join(errors) + more + "\nNo cell was started; fix the override and run again.")
     return Plan(sweep_dir=Path(sweep_dir), plan_id=identity.plan_id(job_overrides),
-                cells=[cells[c] for c in order], job_cells=job_cells)
+                cells=[cells[c] for c in order], job_cells=job_cells, datasets=data.datasets)
+
+
+class DataChecks:
+    """The data of a sweep's datasets read from a root, checked once per distinct dataset before any cell
+    starts, and named in the cells' ids by content: :meth:`identify` writes the data's fingerprint into
+    each job's config as ``dataset.fingerprint`` (see :mod:`proxyattention.data.facts`; cached by
+    folder and modification time, so planning a big dataset again costs a few stats)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, Optional[str]] = {}  # dataset -> its fingerprint, None when refused
+        self.datasets: list[dict] = []  # each checked dataset as the plan records it
+
+    def identify(self, plain: dict, overrides: Sequence[str]) -> bool:
+        """Add the fingerprint of the data to ``plain`` (in place). False when this dataset was refused
+        for an earlier job; the first refusal raises :class:`PlanError` naming the key and the job."""
+        d = plain["dataset"]
+        given = d.get("fingerprint")
+        if not SOURCES[d["source"]].needs_root:
+            if given is not None:
+                raise PlanError(_job_msg(overrides, f"dataset.fingerprint={given} is set, but "
+                                         f"dataset.source={d['source']} reads no folder; remove it"))
+            return True
+        key = tuple(d.get(k) for k in (*data_facts.KEYS, "num_classes", "fingerprint"))
+        if key not in self._seen:
+            self._seen[key] = None
+            try:
+                facts = data_facts.dataset_facts(d)
+            except DataError as e:
+                raise PlanError(_job_msg(overrides, str(e))) from None
+            if d.get("num_classes") is not None and d["num_classes"] != len(facts.classes):
+                raise PlanError(_job_msg(overrides, f"dataset.num_classes={d['num_classes']} but the data under "
+                                         f"dataset.root={d['root']} has {len(facts.classes)} classes; "
+                                         "remove the key or fix it"))
+            if given is not None and given != facts.fingerprint:
+                raise PlanError(_job_msg(overrides, f"dataset.fingerprint={given} but the data under "
+                                         f"dataset.root={d['root']} has fingerprint {facts.fingerprint}; "
+                                         "remove the override (the planner fills it in)"))
+            self._seen[key] = facts.fingerprint
+            entry = {**{k: d.get(k) for k in data_facts.KEYS}, "fingerprint": facts.fingerprint}
+            if entry not in self.datasets:
+                self.datasets.append(entry)
+        fp = self._seen[key]
+        if fp is None:
+            return False
+        d["fingerprint"] = fp
+        return True
+
+
+def data_still_holds(datasets: Sequence[dict]) -> bool:
+    """Whether every dataset a recorded plan read still has the fingerprint its cells were named by."""
+    for entry in datasets:
+        try:
+            if data_facts.dataset_facts(entry).fingerprint != entry.get("fingerprint"):
+                return False
+        except (DataError, KeyError, TypeError):
+            return False
+    return True
 
 
 def snapshot_yaml(config: dict) -> str:
@@ -360,6 +429,10 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
     never trained again for another folder or command. A cell folder already in the sweep (planned
     without a store) stays where it is. An existing snapshot is never rewritten (a queued cell keeps the
     config it was planned with). Returns the number of new cells.
+
+    A planned cell whose entry is not a folder is repaired, never a crash: a link whose store entry was
+    deleted (dangling) is linked to a re-made store folder (the cell runs again), and a file in the
+    place of a cell folder or store entry is moved aside as ``<id>.damaged-<stamp>`` first.
     """
     root = str(cellstate.cells_root(plan.sweep_dir))
     os.makedirs(root, exist_ok=True)
@@ -371,8 +444,19 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
 
     def write(cell: PlannedCell) -> bool:
         d = os.path.join(root, cell.id)
+        if not os.path.isdir(d) and os.path.lexists(d):  # a dangling link, a link to a file, or a file
+            if os.path.islink(d):
+                log.warning("cell %s: %s; repaired", cell.id, cellstate.folder_problem(d))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d)
+            else:
+                log.warning("cell %s: a file was in the place of its folder; moved to %s", cell.id,
+                            manifest.set_aside_entry(d))
         if store is not None and not os.path.lexists(d):
             target = os.path.join(store, cell.id)
+            if os.path.lexists(target) and not os.path.isdir(target):
+                log.warning("cell %s: its store entry was a file; moved to %s", cell.id,
+                            manifest.set_aside_entry(target))
             try:
                 os.mkdir(target)
             except FileExistsError:
@@ -408,7 +492,7 @@ def write_plan_files(plan: Plan, argv_overrides: Sequence[str] = (), fingerprint
         new = sum(write(c) for c in plan.cells)
     manifest.write_plan(plan.sweep_dir, plan.plan_id, [c.record for c in plan.cells],
                         extra={"overrides": list(argv_overrides), "fingerprint": fingerprint,
-                               "job_cells": plan.job_cells})
+                               "job_cells": plan.job_cells, "datasets": plan.datasets})
     return new
 
 
@@ -452,15 +536,22 @@ def cached_plan(sweep_dir: Path, job_overrides: Sequence[Sequence[str]], fp: str
     d = fileio.read_json(sweep_dir / manifest.PLANS / f"{pid}.json")
     if d is None or not fp or d.get("fingerprint") != fp or len(d.get("job_cells", ())) != len(job_overrides):
         return None
+    if not data_still_holds(d.get("datasets", ())):  # the data under a root changed: other cells
+        return None
     cells = []
     root = str(cellstate.cells_root(sweep_dir))
-    for c in d["cells"]:
-        if not os.path.exists(os.path.join(root, c["id"], fileio.CONFIG)):
+    path = sweep_dir / manifest.PLANS / f"{pid}.json"
+    records = manifest.plan_cells(path, d)  # ids checked: a crafted id never names a folder
+    planned = {r.id for r in records}
+    if any(not isinstance(j, str) or (j and j not in planned) for j in d["job_cells"]):
+        raise manifest.PlanFileError(f"{path}: its job_cells name cells it does not plan; the file is damaged: "
+                                     "remove it and re-issue the sweep command")
+    for rec in records:
+        if not os.path.exists(os.path.join(root, rec.id, fileio.CONFIG)):
             return None
-        rec = CellRecord(id=c["id"], overrides=c.get("overrides", []), baseline=c.get("baseline"),
-                         role=c.get("role", "proxy"))
         cells.append(PlannedCell(record=rec, config={}))
-    return Plan(sweep_dir=sweep_dir, plan_id=pid, cells=cells, job_cells=list(d["job_cells"]))
+    return Plan(sweep_dir=sweep_dir, plan_id=pid, cells=cells, job_cells=list(d["job_cells"]),
+                datasets=list(d.get("datasets", ())))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,15 +573,22 @@ def _versions() -> str:
         return ""
 
 
-def check_models(plan: Plan) -> None:
+def check_models(plan: Plan, hub_offline: Optional[bool] = None) -> None:
     """Refuse the plan, naming the key and a job, if a cell's ``model.name`` is not a timm model or its
-    CAM target layer gives no real map at its ``dataset.image_size`` (what the trial would refuse).
+    CAM target layer gives no real map at its ``dataset.image_size`` (what the trial would refuse); and,
+    for ``model.pretrained=true``, if the weights are neither cached nor fetchable: not in the cache
+    while the hub is offline (``hub_offline``; default: ``HF_HUB_OFFLINE`` is set). The cache is only
+    looked at, never the network; online, weights not yet cached pass (the first cell downloads them).
 
     Each distinct (name, target layer, image size) is checked once per torch/timm version, in a
     subprocess that builds the model without weights on the meta device (see
-    :mod:`proxyattention.modelcheck`); the answer is remembered in :func:`model_check_cache`.
+    :mod:`proxyattention.modelcheck`); the answer is remembered in :func:`model_check_cache`. Where timm
+    finds a model's weights is remembered the same way; whether they are cached is asked every time.
     """
+    from proxyattention import weights
+
     specs: dict[str, tuple[dict, CellRecord]] = {}
+    pretrained: dict[str, tuple[dict, CellRecord]] = {}
     for cell in plan.cells:
         if not cell.config:
             continue
@@ -499,15 +597,21 @@ def check_models(plan: Plan) -> None:
         key = json.dumps(spec, sort_keys=True)
         if key not in specs or specs[key][1].role == "baseline":  # name a job the user wrote
             specs[key] = (spec, cell.record)
+        if m.get("pretrained"):
+            wspec = {"weights": m["name"]}
+            wkey = json.dumps(wspec)
+            if wkey not in pretrained or pretrained[wkey][1].role == "baseline":
+                pretrained[wkey] = (wspec, cell.record)
     if not specs:
         return
     versions = _versions()
     path = model_check_cache()
     cache = fileio.read_json(path) or {}
     known = cache.get(versions, {}) if isinstance(cache.get(versions), dict) else {}
-    missing = [k for k in specs if k not in known]
+    missing = [k for k in (*specs, *pretrained) if k not in known]
     if missing:
-        answers = _run_model_check([specs[k][0] for k in missing])
+        every = {**specs, **pretrained}
+        answers = _run_model_check([every[k][0] for k in missing])
         if answers is None:
             return  # the checker itself could not run: each trial still checks its model
         known.update(zip(missing, answers))
@@ -517,12 +621,33 @@ def check_models(plan: Plan) -> None:
         except OSError:
             pass  # a read-only home: check again next time
     errors = []
+    bad_names = set()
     for key, (spec, record) in specs.items():
         error = known[key].get("error")
         if error:
             errors.append(_job_msg(record.overrides, error))
+            bad_names.add(spec["name"])
+    for key, (spec, record) in pretrained.items():
+        answer = known[key]
+        loc = answer.get("location") or {}
+        if spec["weights"] in bad_names:
+            continue
+        if answer.get("error") or not weights.source(loc):
+            errors.append(_job_msg(record.overrides, answer.get("error") or (
+                f"model.pretrained=true but timm has no pretrained weights for model.name="
+                f"{spec['weights']}; use model.pretrained=false, or model.weights=PATH")))
     if errors:
         raise PlanError("\n".join(errors) + "\nNo cell was started; fix the override and run again.")
+    offline = weights.hub_offline() if hub_offline is None else hub_offline
+    absent = [(spec["weights"], known[key]["location"]) for key, (spec, _) in pretrained.items()
+              if weights.cached_path(known[key]["location"]) is None]
+    if absent and offline:
+        names = [n for n, _ in absent]
+        what = ", ".join(f"{n} ({weights.describe(loc)})" for n, loc in absent)
+        where = ", ".join(sorted({str(weights.cache_dir(loc)) for _, loc in absent}))
+        raise PlanError(f"model.pretrained=true: the weights of {what} are not in the cache ({where}) "
+                        f"and the hub is offline (HF_HUB_OFFLINE): "
+                        f"{weights.fix_hint(names)}. No cell was started.")
 
 
 def _run_model_check(specs: list[dict]) -> Optional[list[dict]]:

@@ -35,6 +35,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from launcher import manifest
 from launcher.cellproc import CELL_MODULE
 from proxyattention import cellstate, fileio
 
@@ -56,7 +57,7 @@ class LocalLauncherConf:
     _target_: str = "hydra_plugins.proxyattention_launcher.LocalLauncher"
     workers: int = 1  # cells at once; each gets its own GPU round-robin when GPUs exist
     timeout_min: Optional[float] = None  # per-cell wall-clock limit; kills the process group -> TIMEOUT
-    rerun: str = "not_done"  # not_done | failed (FAILED/TIMEOUT/CANCELLED only) | all (force)
+    rerun: str = "not_done"  # not_done | failed (FAILED/TIMEOUT/CANCELLED/DAMAGED) | damaged | all (force)
     dry_run: bool = False  # list the cells and which would run; run nothing
     threads_per_cell: int = 0  # OMP_NUM_THREADS of each cell; 0: cores // workers
     gpus: Optional[str] = None  # "0,1": GPUs to use; null: CUDA_VISIBLE_DEVICES, else nvidia-smi -L
@@ -225,7 +226,10 @@ class SweepLauncher(Launcher):
         jobs = [list(j) for j in job_overrides]
         t0 = time.perf_counter()
         fp = planning.fingerprint(_config_dirs(self.config))
-        plan = planning.cached_plan(sweep_dir, jobs, fp)
+        try:
+            plan = planning.cached_plan(sweep_dir, jobs, fp)
+        except manifest.PlanFileError as e:
+            raise SweepError(str(e)) from None
         if plan is None:
             bar = _PlanProgress(len(jobs))
             gc.disable()  # planning makes many small dicts and no cycles: collecting over them costs a third
@@ -238,14 +242,22 @@ class SweepLauncher(Launcher):
             if not dry_run:  # a dry run writes nothing
                 store_opt = launcher_cfg.get("store")
                 store = Path(store_opt).absolute() if store_opt else None
-                _writable(sweep_dir, "hydra.sweep.dir")
-                if store is not None:
-                    _writable(store, "hydra.launcher.store")
+                made = _writable(store, "hydra.launcher.store") if store is not None else []
+                try:
+                    _writable(sweep_dir, "hydra.sweep.dir")
+                except SweepError:
+                    _remove_empty(made)  # a refusal leaves no folder behind
+                    raise
                 task = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
-                new = planning.write_plan_files(plan, task, fingerprint=fp,  # type: ignore[arg-type]
-                                                store=store)
-                # The sweep's Hydra config, as Hydra records it: written when the sweep's plan changes.
-                fileio.write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
+                try:
+                    new = planning.write_plan_files(plan, task, fingerprint=fp,  # type: ignore[arg-type]
+                                                    store=store)
+                    # The sweep's Hydra config, as Hydra records it: written when the sweep's plan changes.
+                    fileio.write_text_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
+                except OSError as e:
+                    if not manifest.is_write_failure(e):
+                        raise
+                    raise SweepError(manifest.write_failure_line(e)) from None
             else:
                 new = 0
             log.debug("planned %d cells (%d new) in %.2fs", len(plan.cells), new, time.perf_counter() - t0)
@@ -253,8 +265,16 @@ class SweepLauncher(Launcher):
         for r in records:
             self._records.setdefault(r.id, r)
         hooks = None if dry_run else _JobCallbacks.of(self, plan)
-        code = backend.run(sweep_dir, records, launcher_cfg, summary=not self.defer_summary, hooks=hooks,
-                           collect=self._statuses)
+        try:
+            code = backend.run(sweep_dir, records, launcher_cfg, summary=not self.defer_summary, hooks=hooks,
+                               collect=self._statuses)
+        except OSError as e:  # the sweep folder or the store takes no write: the backend stopped cleanly
+            if not manifest.is_write_failure(e):
+                raise
+            EXIT_CODE = max(EXIT_CODE, 1)
+            if self.defer_summary:
+                self.print_summary()
+            raise SweepError(manifest.write_failure_line(e)) from None
         EXIT_CODE = max(EXIT_CODE, code)  # over all batches
         if dry_run and not self.defer_summary:  # an adaptive sweeper: later trials depend on results
             print("dry run: an adaptive sweeper chooses its next trials from the results of these; "
@@ -362,17 +382,30 @@ class _JobCallbacks:
         self.callbacks.on_job_end(config=cfg, job_return=ret)
 
 
-def _writable(folder: Path, key: str) -> None:
-    """Create ``folder`` if needed and check a file can be written in it, or refuse in one line."""
+def _writable(folder: Path, key: str) -> list[Path]:
+    """Create ``folder`` if needed and check a file can be written in it, or refuse in one line (removing
+    the folders it created). Returns the folders it created, outermost first."""
     import tempfile
 
+    made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
+        _remove_empty(made)
         raise SweepError(f"{key}={folder} cannot be written ({e.strerror or e}); choose a writable folder "
                          f"with {key}=DIR") from None
+    return made
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a refused launch created (innermost first; only while they are empty)."""
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 def _config_dirs(config: DictConfig) -> list[Path]:

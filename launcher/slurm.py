@@ -40,13 +40,14 @@ are neither DONE nor queued, under a cap of its own.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from launcher import manifest
 from launcher.cellproc import CELL_MODULE
@@ -61,7 +62,7 @@ from launcher.slurm_state import (
     refresh_status,
     write_record,
 )
-from proxyattention import cellstate
+from proxyattention import cellstate, weights
 from proxyattention.cellstate import CellState, CellStatus, Owner
 
 __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refresh_status",
@@ -147,6 +148,15 @@ class SlurmLauncherConf(SlurmOptions):
     """The Hydra schema of ``hydra/launcher=slurm`` (typos in ``hydra.launcher.*`` are errors)."""
 
     _target_: str = "hydra_plugins.proxyattention_launcher.SlurmLauncher"
+
+
+def cells_hub_offline(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether Slurm cells run with ``HF_HUB_OFFLINE=1``: yes, unless the submitting environment sets
+    ``HF_HUB_OFFLINE`` itself (``HF_HUB_OFFLINE=0 python -m launcher ...`` lets cells download weights,
+    on a cluster whose nodes have internet). Weights come from the cache, filled on the login node with
+    ``python -m proxyattention.data weights``; a cell never waits on a network the node does not have."""
+    e = os.environ if env is None else env
+    return e.get("HF_HUB_OFFLINE") is None or weights.hub_offline(e)
 
 
 def register_configs() -> None:
@@ -394,6 +404,7 @@ class SlurmSubmitter:
         from launcher.slurm_job import CellJob
 
         ex = self._executor()
+        hub_offline = cells_hub_offline()
         if self.rerun is Rerun.ALL:
             for cid in claims:
                 moved = manifest.move_aside(self.dir(cid))
@@ -412,7 +423,7 @@ class SlurmSubmitter:
             tasks = [CellJob(cell_dir=str(self.dir(cid).resolve()), requeue=self.opts.requeue,
                              heartbeat_s=self.opts.heartbeat_s, claim_wait_s=self.opts.claim_wait_s,
                              python=self.opts.python or "", cell_module=self.opts.cell_module,
-                             require_gpu=self.opts.wants_gpu) for cid in part]
+                             require_gpu=self.opts.wants_gpu, hub_offline=hub_offline) for cid in part]
             try:
                 ex.update_parameters(**sbatch_parameters(self.opts, plan.parallelism, after))
                 with ex.batch():

@@ -5,7 +5,9 @@ node. The job claims the cell (the submitter releases its own short claim right 
 job may wait a moment), writes ``status.json`` RUNNING with its Slurm job id, runs
 ``python -m proxyattention.cell CELL_DIR`` (:mod:`launcher.cellproc`, as a local cell) with its output appended to the cell's ``stdout.log`` /
 ``stderr.log`` (the same files a local cell writes), heartbeats, and writes the final state. While it
-runs, the job is the only writer of ``status.json``.
+runs, the job is the only writer of ``status.json``. The cell runs with the hub offline
+(``HF_HUB_OFFLINE=1``, unless the submitter's environment set it: :func:`launcher.slurm.cells_hub_offline`):
+compute nodes often have no internet, and pretrained weights come from the cache filled on the login node.
 
 Why a subprocess: the trial's Python failure must end the Slurm job FAILED, never COMPLETED, and a
 crash in torch must not take the status writer with it. A cell that does not end DONE makes this
@@ -40,6 +42,9 @@ from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
 from launcher.manifest import Claim
 from proxyattention import cellstate
 from proxyattention.cellstate import REQUIRE_GPU_ENV, CellState, CellStatus, Owner
+
+
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"  # huggingface_hub (and timm through it) then reads only its cache
 
 
 class CellFailedError(RuntimeError):
@@ -81,6 +86,7 @@ class CellJob:
     python: str = ""  # the interpreter for the cell; default: the one running this job
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     require_gpu: bool = False  # the job asked Slurm for a GPU: the cell must use it, never the CPU
+    hub_offline: bool = False  # run the cell with HF_HUB_OFFLINE=1: pretrained weights from the cache only
 
     def __post_init__(self) -> None:
         self._signalled = False
@@ -174,8 +180,10 @@ class CellJob:
     def _run(self, cell: Path, claim: Claim, status: CellStatus) -> CellStatus:
         """Run the cell process to its end (or to an interruption); return the status written."""
         # OMP_NUM_THREADS comes from the sbatch script (= cpus_per_task); GPUs from Slurm's gres.
-        proc = CellProcess(cell, module=self.cell_module, python=self.python,
-                           env={REQUIRE_GPU_ENV: "1"} if self.require_gpu else {},
+        env = {REQUIRE_GPU_ENV: "1"} if self.require_gpu else {}
+        if self.hub_offline:
+            env[HUB_OFFLINE_ENV] = "1"
+        proc = CellProcess(cell, module=self.cell_module, python=self.python, env=env,
                            note=f"slurm job {status.job_id}", preexec_fn=_ignore_usr2)
         self._child = proc.start(status.attempts, status.host)
         status = dataclasses.replace(status, pid=self._child.pid)

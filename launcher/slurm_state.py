@@ -11,7 +11,9 @@ Slurm says              the cell shows
 PENDING, REQUEUED, …    PENDING (queued as job J)
 RUNNING                 RUNNING (the job's own status, heartbeat and all)
 COMPLETED               the job's final status (FAILED if it never wrote one)
-FAILED, OUT_OF_MEMORY   FAILED with the tail of the job's stderr log
+FAILED                  FAILED with the tail of the job's stderr log
+OUT_OF_MEMORY           FAILED: the job went over its memory limit (``--mem``), the tail, and the fix
+                        (also FAILED whose stderr has slurmstepd's ``oom_kill`` line)
 CANCELLED               CANCELLED (rerunnable; resumes from its checkpoint)
 TIMEOUT, DEADLINE       TIMEOUT
 NODE_FAIL, PREEMPTED    CANCELLED, interrupted (rerunnable)
@@ -47,6 +49,13 @@ ENDED = {"FAILED": CellState.FAILED, "OUT_OF_MEMORY": CellState.FAILED, "BOOT_FA
          "CANCELLED": CellState.CANCELLED, "REVOKED": CellState.CANCELLED, "TIMEOUT": CellState.TIMEOUT,
          "DEADLINE": CellState.TIMEOUT, "NODE_FAIL": CellState.CANCELLED, "PREEMPTED": CellState.CANCELLED,
          "COMPLETED": CellState.FAILED}
+# What a cell killed for memory needs: the job's own limit raised, or fewer images held in memory.
+OOM_FIX = ("fix: raise hydra.launcher.mem_gb (the job's --mem), or hold fewer images in host memory: lower "
+           "dataset.max_memory_mb or set dataset.in_memory=no; then re-issue the sweep command (rerun resumes "
+           "from the last checkpoint)")
+# slurmstepd's word in a job's stderr when the cgroup killed a task (older Slurm then says FAILED):
+# "error: Detected 1 oom_kill event in StepId=…" / "oom-kill event(s)".
+OOM_KILL = re.compile(r"oom[-_]kill", re.IGNORECASE)
 # A job Slurm does not know (yet): accounting lags ``sbatch`` by a moment; after this, it is lost.
 UNKNOWN_GRACE_S = 300.0
 
@@ -186,8 +195,14 @@ def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optiona
     if slurm_state == "COMPLETED":
         error = (f"Slurm job {job} COMPLETED but the cell recorded no end; see {record.stdout}; rerun it")
     elif state == CellState.FAILED:
-        error = f"Slurm job {job} {slurm_state}:\n" + (manifest.tail(Path(record.stderr))
-                                                        or f"(no log at {record.stderr})")
+        tail = manifest.tail(Path(record.stderr)) or f"(no log at {record.stderr})"
+        if slurm_state == "OUT_OF_MEMORY" or OOM_KILL.search(tail):
+            # Killed by the job's memory cgroup: the cell could write nothing, so the cause and the fix
+            # are said here, first (the one-line headline) and last (where the status listing shows it).
+            error = (f"Slurm job {job} {slurm_state}: it exceeded its Slurm memory limit (--mem) and was "
+                     f"killed; raise hydra.launcher.mem_gb or set dataset.in_memory=no\n{tail}\n{OOM_FIX}")
+        else:
+            error = f"Slurm job {job} {slurm_state}:\n{tail}"
     elif state == CellState.TIMEOUT:
         error = f"Slurm job {job} hit its time limit; rerun resumes from the last checkpoint"
     elif slurm_state in ("NODE_FAIL", "PREEMPTED"):

@@ -1,10 +1,14 @@
 """``python -m launcher.status SWEEP_DIR [--json]`` — the state of every cell of a sweep.
 
 Reads the sweep definitions (``plans/*.json``) and each cell's ``status.json`` — never ``result.json``,
-checkpoints or logs — so it answers in well under a second for 10,000 cells. A RUNNING cell whose
-launcher is gone shows as CANCELLED (interrupted). Cells run by another backend (``"backend":
-"slurm"`` in their status) are refreshed by that backend's ``launcher.<backend>.refresh_status(
-sweep_dir, {cell_id: CellStatus}) -> {cell_id: CellStatus}`` when it defines one (sacct for Slurm).
+checkpoints or logs (a DONE cell's ``result.json`` is only stat'ed: its size must be the one recorded
+when it finished) — so it answers in well under a second for 10,000 cells. A RUNNING cell whose
+launcher is gone shows as CANCELLED (interrupted), or as RUNNING (orphaned) while its cell process still
+runs on this host. A cell whose entry cannot be trusted shows as DAMAGED with the reason, a cell whose
+folder is gone from the store as PENDING (missing); neither is an error of this command. Cells run
+by another backend (``"backend": "slurm"`` in their status) are refreshed by that backend's
+``launcher.<backend>.refresh_status(sweep_dir, {cell_id: CellStatus}) -> {cell_id: CellStatus}`` when it
+defines one (sacct for Slurm).
 
 ``--json`` prints ``{"sweep_dir", "cells": [{"id", "state", "overrides", "attempts", "dir", "job_id",
 "role", "baseline", "duration_s", "error", "interrupted", "metrics"}, …], "counts": {STATE: n}}``.
@@ -31,8 +35,10 @@ def collect(sweep_dir: Path, stale_after_s: float = cellstate.DEFAULT_STALE_AFTE
     """The sweep's cells and their effective statuses."""
     records = manifest.read_plans(sweep_dir)
     root = str(cellstate.cells_root(sweep_dir))
-    statuses = {r.id: cellstate.effective_status(cellstate.read_status(os.path.join(root, r.id)), stale_after_s)
-                for r in records}
+    statuses = {}
+    for r in records:
+        cell = os.path.join(root, r.id)
+        statuses[r.id] = cellstate.effective_status(cellstate.read_status(cell), stale_after_s, cell=cell)
     by_backend: dict[str, dict[str, CellStatus]] = {}
     for cid, s in statuses.items():
         if not s.state.finished and s.backend not in (None, "local"):
@@ -78,7 +84,10 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
         label = labels.get(r.id, "") or "-"
         if r.role == "baseline":
             label = f"[baseline] {label}"
-        state = s.state.value + (" (interrupted)" if s.interrupted else "") + (f" job {s.job_id}" if s.job_id else "")
+        note = (" (interrupted)" if s.interrupted else
+                " (orphaned)" if s.state == CellState.RUNNING and (s.error or "").startswith(cellstate.ORPHANED) else
+                " (missing)" if s.state == CellState.PENDING and s.error else "")
+        state = s.state.value + note + (f" job {s.job_id}" if s.job_id else "")
         rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_acc(s), label])
         if s.error and s.state != CellState.DONE:
             lines = s.error.strip().splitlines()[-error_lines:]
@@ -104,7 +113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {args.sweep_dir} is not a sweep folder (it has no plans/ or cells/); the launcher "
               "prints the sweep folder at the end of every launch", file=sys.stderr)
         return 2
-    records, statuses = collect(args.sweep_dir, args.stale_after)
+    try:
+        records, statuses = collect(args.sweep_dir, args.stale_after)
+    except manifest.PlanFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         sys.stdout.write(json.dumps(as_json(args.sweep_dir, records, statuses), separators=(",", ":")) + "\n")
     else:

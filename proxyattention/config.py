@@ -11,6 +11,7 @@ Cell identity lives in :mod:`proxyattention.identity`.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -40,6 +41,10 @@ RETIRED_KEYS = {"train.lr": "it had no effect: OneCycleLR starts at train.max_lr
 DATASET_SOURCES = tuple(SOURCES)
 IN_MEMORY = ("auto", "yes", "no")
 DEVICES = ("auto", "cpu", "cuda")
+# Largest dataset.image_size: images are resized to it and batched on the device (see validate).
+MAX_IMAGE_SIZE = 4096
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 class ConfigError(ValueError):
@@ -60,6 +65,9 @@ class DatasetConfig:
     max_memory_mb: Optional[int] = None  # cap of that budget; null: a quarter of free GPU memory (CPU: 2048)
     num_workers: Any = "auto"  # DataLoader workers for file datasets; auto: the CPUs Slurm/affinity give - 1
     val_max: Optional[int] = None  # at most this many validation images (the rest train); null: no cap
+    # The content fingerprint of data read from `root`: the planner writes it into each cell's snapshot (it
+    # is part of the cell id, so an id names the data, not its folder); the trial checks the data still has it.
+    fingerprint: Optional[str] = None
     download: bool = False
     cache_dir: str = "${oc.env:PROXYATTENTION_CACHE,${oc.env:HOME,.}/.cache/proxyattention}"
 
@@ -71,7 +79,7 @@ class ModelConfig:
     weights: Optional[str] = None  # local checkpoint file: offline alternative to `pretrained`
     target_layer: Optional[str] = None  # module path such as "layer3"; default: chosen automatically
     batch_size: int = 128  # the thesis's batch size for this model
-    amp: bool = True  # whether this model trains stably under mixed precision (ViT: false)
+    amp: bool = True  # false: never fp16 (ViT is unstable in it): bf16 from compute capability 8.0, else fp32
 
 
 @dataclass
@@ -102,8 +110,11 @@ class TrainConfig:
     batch_size: Any = None  # null: the model's batch size; an integer; or "auto" (largest that fits)
     max_lr: float = 2e-3  # OneCycleLR's peak; it starts at max_lr / 25
     weight_decay: float = 1e-5
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + scaler)
+    amp: bool = True  # mixed precision on CUDA (bf16 from capability 8.0, else fp16 + scaler unless model.amp=false)
     channels_last: Any = "auto"  # NHWC memory layout: auto = on CUDA, off on the CPU; or true/false
+    # Deterministic cuDNN/cuBLAS and torch algorithms: a proxy cell and its baseline stay identical on a GPU
+    # up to the first proxy step (some ops slower); false: cuDNN autotunes on CUDA (README: Fairness)
+    deterministic: bool = False
     eval_batch_size: int = 256
     checkpoint: bool = True  # a checkpoint after every epoch, used to resume
     device: str = "auto"
@@ -190,6 +201,17 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
                           "pass dataset.root=PATH (the folder holding the images)")
     if c.dataset.image_size < 8:
         raise ConfigError(f"dataset.image_size={c.dataset.image_size} is too small; use 8 or more")
+    if c.dataset.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"dataset.image_size={c.dataset.image_size} is too large; use at most {MAX_IMAGE_SIZE} "
+                          "(at that size one RGB image is already 48 MiB as uint8 and 192 MiB as float32, so a "
+                          "batch and its activations outgrow a GPU; the thesis trains at 224)")
+    if not _PLAIN_NAME.fullmatch(str(c.dataset.name)) or c.dataset.name in (".", ".."):
+        raise ConfigError(f"dataset.name={c.dataset.name!r} is not a plain name; use letters, digits, '.', '_' "
+                          "and '-' (it names files in the cache folder, so it may not hold a path)")
+    fp = c.dataset.fingerprint
+    if fp is not None and not (isinstance(fp, str) and _FINGERPRINT.fullmatch(fp)):
+        raise ConfigError(f"dataset.fingerprint={fp!r} is not a fingerprint (16 hex digits); leave it unset: "
+                          "the planner fills it in from the data")
     _in_range("dataset.val_fraction", c.dataset.val_fraction, 0.0, 0.9, lo_open=True)
     _in_range("dataset.test_fraction", c.dataset.test_fraction, 0.0, 0.9, lo_open=True)
     if c.dataset.num_workers != "auto" and not (isinstance(c.dataset.num_workers, int) and c.dataset.num_workers >= 0):

@@ -10,11 +10,14 @@ same baseline names the same baseline), and nothing that depends on the machine:
   dropped — they change how fast a trial runs, not what it computes; so are keys added to the schema
   later while they keep their neutral value (:data:`ADDED_KEYS`), and speed choices that became
   automatic are hashed at their former constant (:data:`PINNED_KEYS`): cells run before keep their ids;
-- ``dataset.root`` never enters as a path. A dataset is identified by ``dataset.name``; the generic
-  ``imagefolder`` config (whose name says nothing about the data) adds its folder's *name*
-  (``/data/my_images`` → ``my_images``). Planned on a login node, re-issued on a compute node or moved
-  to another disk, a sweep recognises its own cells. That the data under that name did not change is
-  checked by the dataset manifest and recorded per cell (``result.json``'s split fingerprint).
+- ``dataset.root`` never enters as a path. A dataset is identified by ``dataset.name`` and, for data
+  read from a root, by what the data is: ``dataset.fingerprint``, the content fingerprint of its sample
+  list (relative paths, sizes, labels), which the planner writes into each cell's snapshot
+  (:mod:`proxyattention.data.facts`) and the trial checks against the data it loads. Two folders of
+  the same name with other images are other cells; the same images elsewhere are the same cells.
+  Planned on a login node, re-issued on a compute node or moved to another disk, a sweep recognises its
+  own cells. Without a fingerprint (cells planned before it, single trials) the generic ``imagefolder``
+  config adds its folder's *name* instead (``/data/my_images`` → ``my_images``), as ids always did.
 
 Plain dicts in, plain values out: the trial, the sweep planner and the results table all call this
 module, and it imports neither torch nor OmegaConf.
@@ -45,6 +48,11 @@ PINNED_KEYS: dict[str, Any] = {"train.channels_last": False, "dataset.in_memory"
 # the one that reproduces the earlier behaviour, so earlier cells keep their ids.
 ADDED_KEYS: dict[str, Any] = {"dataset.val_max": None, "proxy.p_trains": False, "explain.target": "true",
                               "explain.fill": "black"}
+# The content fingerprint of data read from a root, which the planner writes into each cell's snapshot:
+# cells planned before it (and single trials, which no planner names) hash as they did.
+ADDED_KEYS["dataset.fingerprint"] = None
+# Deterministic GPU algorithms: off is how every earlier cell ran.
+ADDED_KEYS["train.deterministic"] = False
 # A baseline's proxy and method groups as they are hashed: fixed values (the defaults these groups had
 # when ids were first defined), so a later change of a proxy default never renames a baseline.
 BASELINE_PROXY: dict[str, Any] = {"enabled": False, "threshold": 0.4, "weight": 0.8, "subset": 1.0, "mode": "blend",
@@ -146,9 +154,10 @@ def planned(cfg: Mapping[str, Any]) -> tuple[Plain, str, Optional[Plain], Option
 
 
 def data_identity(dataset: Mapping[str, Any]) -> Optional[str]:
-    """What stands for ``dataset.root`` in an id: None, or the folder's name for folder-named datasets."""
+    """What stands for ``dataset.root`` in an id: None, or the folder's name for folder-named datasets
+    without a content fingerprint (one names the data itself, wherever and under whatever name it lives)."""
     root = dataset.get("root")
-    if not root or dataset.get("name") not in FOLDER_NAMED_DATASETS:
+    if not root or dataset.get("fingerprint") or dataset.get("name") not in FOLDER_NAMED_DATASETS:
         return None
     return os.path.basename(os.path.normpath(os.path.expanduser(str(root))))
 
@@ -179,12 +188,15 @@ def _canonicalise(normal: Plain) -> Plain:
 def _mark_changed_behaviour(c: Plain) -> None:
     """Cells whose results changed under unchanged keys get a marker, so a cell computed before the
     change is never taken for one computed after it: the eigen methods' native maps now take an
-    oriented sign (cam.py), which changes the maps a proxy step or the explain metrics use."""
+    oriented sign (cam.py), which changes the maps a proxy step or the explain metrics use. EigenCAM's
+    sign is the channel-sum rule (``oriented``); EigenGradCAM's follows GradCAM's map
+    (``oriented-gradcam``), which replaced the channel-sum rule and changed its maps again."""
+    sign = {"eigencam": "oriented", "eigengradcam": "oriented-gradcam"}
     explain, method = c["explain"], c["method"]
     if explain.get("enabled", True) and explain["method"] in EIGEN_METHODS and explain["impl"] != "library":
-        explain["eigen_sign"] = "oriented"
+        explain["eigen_sign"] = sign[explain["method"]]
     if c["proxy"].get("enabled", True) and method["name"] in EIGEN_METHODS and method["impl"] != "library":
-        method["eigen_sign"] = "oriented"
+        method["eigen_sign"] = sign[method["name"]]
 
 
 def _digest(obj: Any) -> str:

@@ -5,6 +5,10 @@ The model is built without weights (``pretrained=False``) on PyTorch's ``meta`` 
 memory, a fraction of a second per model; the target layer is then found exactly as a trial finds it
 (:func:`proxyattention.models.find_target_layer`), so a spec that passes here passes in the trial.
 
+For ``model.pretrained=true`` it also says where timm finds the weights (a spec ``{"weights": name}``,
+answered by :func:`proxyattention.weights.locate`); whether they are cached is asked at each plan, by the
+planner itself, from that answer (:func:`proxyattention.weights.cached_path`, no torch).
+
 The planner stays free of torch: it runs ``python -m proxyattention.modelcheck`` with a JSON list of
 specs on stdin and reads a JSON list of answers from stdout, and it remembers answers by the versions
 of torch and timm (see :mod:`launcher.plan`).
@@ -20,7 +24,15 @@ from typing import Any
 
 def check(spec: dict) -> dict:
     """``{"error": None | message, "layer": name, "map": [h, w]}`` for one spec
-    ``{"name", "target_layer", "image_size"}``."""
+    ``{"name", "target_layer", "image_size"}``; ``{"error": None, "location": {...}}`` for a spec
+    ``{"weights": name}``."""
+    if "weights" in spec:
+        from proxyattention.weights import locate
+
+        try:
+            return {"error": None, "location": locate(spec["weights"])}
+        except Exception as e:  # e.g. a pretrained tag timm does not know
+            return {"error": f"model.name={spec['weights']!r}: no pretrained weights ({type(e).__name__}: {e})"}
     import torch
 
     from proxyattention.models import ModelSetupError, build_model, find_target_layer

@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 
+from proxyattention import weights
+
 log = logging.getLogger(__name__)
 
 MIN_DEFAULT_MAP = 4  # the automatic choice wants at least 4x4 so the CAM has some spatial detail
@@ -85,6 +87,11 @@ def _short(e: BaseException) -> str:
 def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
     """``timm.create_model`` for ``model_cfg`` (name, pretrained, weights) with a ``num_classes`` head.
 
+    ``model.pretrained=true``: weights already in the cache (:mod:`proxyattention.weights`: fetched with
+    ``python -m proxyattention.data weights``) are loaded from there without asking the hub, so a cell
+    on a node without internet, and every cell of a sweep, starts from the same file; otherwise timm
+    downloads them.
+
     Raises :class:`ModelSetupError` for an unknown ``model.name``, weights that cannot be fetched
     (offline ``model.pretrained=true``) and an unreadable or mismatched ``model.weights`` file.
     """
@@ -95,14 +102,25 @@ def build_model(model_cfg: Any, num_classes: int, image_size: int) -> nn.Module:
         raise ModelSetupError(f"model.name={name!r} is not a timm model{hint}")
     kwargs = dict(num_classes=num_classes, **_size_kwargs(name, image_size))
     if model_cfg.pretrained:
+        cached = weights.cached_path(weights.locate(name))
+        if cached is not None:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
             # Tell a failed download apart from a model that cannot be built at all.
+            kwargs.pop("pretrained_cfg_overlay", None)
             timm.create_model(name, pretrained=False, **kwargs)
+            if cached is not None:
+                raise ModelSetupError(f"the cached pretrained weights of {name!r} ({cached}) do not load "
+                                      f"({_short(e)}); put a good file there with "
+                                      f"`{weights.COMMAND} --from-file {name}=FILE`") from None
             raise ModelSetupError(
-                f"pretrained weights for {name!r} could not be fetched ({_short(e)}); use "
+                f"pretrained weights for {name!r} could not be fetched ({_short(e)}); fetch them with "
+                f"`{weights.COMMAND} {name}` on a machine with internet (same HF_HOME), or use "
                 "model.pretrained=false, or model.weights=PATH to load a local checkpoint") from None
+        log.info("model %s: pretrained weights from %s", name,
+                 cached if cached is not None else "the hub (downloaded)")
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     if model_cfg.weights:

@@ -211,6 +211,8 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
     that image in the epoch just before the step, -1 where it was right (or not seen).
     The chosen images stream through in chunks of ``method.batch_size``, so the step's memory does not
     grow with how many are chosen; only ``proxy.log_images`` examples are kept for TensorBoard.
+    A step with no mistakes (a model at 100% training accuracy) computes no CAM and records an empty
+    layer: every image is its original until the next step.
     """
     wrong = (mistakes >= 0).nonzero().squeeze(1).cpu()  # one sync per step
     chosen = choose_subset(wrong, float(proxy.subset), generator)
@@ -229,6 +231,8 @@ def proxy_step(model: torch.nn.Module, bank: Any, state: ProxyState, mistakes: T
     dumped: list[Path] = []
     start = 0
     for idx_d, originals, _ in bank.batches(chosen, int(method.batch_size)):
+        if idx_d.numel() == 0:  # no mistakes to explain (a bank may still hand over an empty batch)
+            continue
         before = state.apply(idx_d, originals, upto=upto)
         inp = normalize(to_float(before))
         if channels_last:

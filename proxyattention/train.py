@@ -14,7 +14,6 @@ same number of images. What Proxy Attention itself does is in :mod:`proxyattenti
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -23,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,7 @@ from proxyattention.device import (
 from proxyattention.explain import explain_trial
 from proxyattention.identity import cell_id
 from proxyattention.models import TargetLayer, build_model, find_target_layer
-from proxyattention.proxy import ProxyState, proxy_step
+from proxyattention.proxy import ProxyLayer, ProxyState, proxy_step
 from proxyattention.schedule import Schedule, parse_schedule, quote_schedule_overrides
 
 log = logging.getLogger(__name__)
@@ -160,8 +159,8 @@ def set_up(cfg: Any, out: Path) -> Trial:
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    configure_backends(device)
-    precision = Precision.choose(cfg.train.amp and cfg.model.amp, device)
+    precision = Precision.choose(cfg.train.amp, cfg.model.amp, device)
+    configure_backends(device, cfg.train.deterministic, precision)  # before the first cuBLAS call (device.py)
     data = load_data(cfg, device)
     torch.manual_seed(int(cfg.train.seed))  # same initial weights for a proxy trial and its baseline
     model = build_model(cfg.model, len(data.samples.classes), cfg.dataset.image_size)
@@ -170,7 +169,8 @@ def set_up(cfg: Any, out: Path) -> Trial:
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.train()
     saved = checkpoint.load(out, trial_id)
-    batch_size = saved["batch_size"] if saved else choose_batch_size(cfg, model, data, device, precision)
+    batch_size = saved["batch_size"] if saved else choose_batch_size(cfg, model, data, device, precision,
+                                                                     target_layer, channels_last)
     n_train = len(data.train)
     # A last batch of one image breaks BatchNorm in train mode; it is dropped (identically in every run).
     steps_per_epoch = n_train // batch_size + (1 if n_train % batch_size > 1 else 0)
@@ -213,14 +213,14 @@ def use_channels_last(cfg: Any, device: torch.device) -> bool:
 
 
 def choose_batch_size(cfg: Any, model: torch.nn.Module, data: Data, device: torch.device,
-                      precision: Precision) -> int:
+                      precision: Precision, target_layer: TargetLayer, channels_last: bool) -> int:
     """``train.batch_size``: null = the model's, an integer, or auto (searched once, on CUDA only)."""
     bs = cfg.train.batch_size
     if bs is None:
         chosen = int(cfg.model.batch_size)
     elif bs == "auto" and device.type == "cuda":
-        chosen = find_batch_size(model, cfg.dataset.image_size, len(data.samples.classes), device, precision,
-                                 limit=max(2, len(data.train)))
+        chosen = find_batch_size(cfg, model, target_layer, len(data.samples.classes), device, precision,
+                                 channels_last, limit=max(2, len(data.train)))
         log.info("train.batch_size=auto found %d (saved in the checkpoint: a resumed trial keeps it)", chosen)
     elif bs == "auto":
         chosen = int(cfg.model.batch_size)
@@ -230,34 +230,209 @@ def choose_batch_size(cfg: Any, model: torch.nn.Module, data: Data, device: torc
     return min(chosen, len(data.train))
 
 
-def find_batch_size(model: torch.nn.Module, image_size: int, num_classes: int, device: torch.device,
-                    precision: Precision, limit: int) -> int:
-    """The thesis's batch-size finder: double a random batch until a training step runs out of memory.
+# What CUDA's libraries say when they cannot get device memory: the caching allocator raises
+# torch.OutOfMemoryError, but cuDNN and cuBLAS (a handle, a workspace) and raw CUDA calls raise a plain
+# RuntimeError ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", and "..._NOT_INITIALIZED"
+# when creating a handle failed for want of memory).
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED",
+               "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_INITIALIZED")
 
-    Runs on a copy of the model so the trial's weights and optimizer are untouched.
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is a failed device allocation (any of :data:`OOM_MARKERS`), not a bug."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(marker in str(e) for marker in OOM_MARKERS)
+
+
+# The batch-size headroom: the chosen size's measured peak may use at most this share of the memory the
+# trial may use (see search_batch_size).
+BATCH_MEMORY_SHARE = 0.9
+
+
+@dataclass
+class MemoryGauge:
+    """What the batch-size search reads of device memory; :func:`cuda_gauge` on CUDA, a stand-in in tests.
+
+    capacity: bytes the trial may use in all (None: unknown); peak(): bytes held at the peak since the
+    last reset(), or None; reset(): release cached blocks and start a new peak; sync(): wait for the
+    device, so an asynchronous failure surfaces inside the step that caused it.
     """
-    probe = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(probe.parameters())
-    best, bs = 0, 2
+
+    capacity: Optional[int] = None
+    peak: Callable[[], Optional[int]] = lambda: None
+    reset: Callable[[], None] = lambda: None
+    sync: Callable[[], None] = lambda: None
+
+
+def cuda_gauge(device: torch.device) -> MemoryGauge:
+    """Capacity: the memory free now plus what this process's allocator already holds (the model, the
+    images the bank keeps on the device); the peak is the allocator's reserved peak, fragmentation
+    included; memory outside the allocator (the CUDA context) is already missing from what is free."""
+    free, _ = torch.cuda.mem_get_info(device)
+
+    def reset() -> None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    return MemoryGauge(free + torch.cuda.memory_reserved(device), lambda: torch.cuda.max_memory_reserved(device),
+                       reset, lambda: torch.cuda.synchronize(device))
+
+
+def search_batch_size(step: Callable[[int], None], limit: int, gauge: MemoryGauge,
+                      share: float = BATCH_MEMORY_SHARE) -> int:
+    """The largest batch size ``step`` runs at without running out of memory, with headroom; 0 if none.
+
+    The thesis's doubling: try 2, 4, 8, … up to ``limit`` until a step fails with an allocation failure
+    (:func:`is_oom`; any other error propagates). The rule for headroom: keep the largest power of two
+    P that ran, unless its measured peak exceeded ``share`` (90%) of the memory the trial may use —
+    then P / 2. Why: the doubling says only that 2P did not fit, not how close P came to the edge; the
+    measured peak says that, and a size run within 10% of the edge fails later, when the allocator has
+    fragmented over epochs, cuDNN's autotuner picks a larger workspace for the epoch's short last batch,
+    or the proxy state has grown. With no measurement (``gauge.peak()`` None) P is kept.
+    """
+    best, best_peak, bs = 0, None, 2
     while bs <= limit:
+        gauge.reset()
         try:
-            x = torch.randn(bs, 3, image_size, image_size, device=device)
-            y = torch.randint(0, num_classes, (bs,), device=device)
-            with precision.autocast(device):
-                loss = F.cross_entropy(probe(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            best, bs = bs, bs * 2
-        except torch.OutOfMemoryError:
+            step(bs)
+            gauge.sync()
+        except Exception as e:  # noqa: BLE001 (only allocation failures are caught; the rest re-raised)
+            if not is_oom(e):
+                raise
+            log.info("train.batch_size=auto: %d does not fit (%s)", bs, str(e).strip().splitlines()[0][:200])
             break
-        finally:
-            torch.cuda.empty_cache()
-    del probe, opt
-    torch.cuda.empty_cache()
+        best, best_peak = bs, gauge.peak()
+        bs *= 2
+    gauge.reset()  # the failed step's blocks (freed with its exception) go back to the device
+    if best > 2 and gauge.capacity and best_peak is not None and best_peak > share * gauge.capacity:
+        log.info("train.batch_size=auto: %d peaked at %.0f%% of the memory the trial may use (more than "
+                 "%.0f%%); keeping %d", best, 100 * best_peak / gauge.capacity, 100 * share, best // 2)
+        return best // 2
+    return best
+
+
+class _ProbeBank:
+    """The image bank as a proxy step reads it, for the batch-size probe: n random uint8 images and
+    labels, already on the device."""
+
+    def __init__(self, n: int, size: int, num_classes: int, device: torch.device, generator: torch.Generator):
+        self.device = device
+        self.images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device,
+                                    generator=generator)
+        self.labels = torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
+    def batches(self, order: Tensor, batch_size: int):
+        for idx in order.split(batch_size):
+            idx_d = idx.to(self.device)
+            yield idx_d, self.images[idx_d], self.labels[idx_d]
+
+
+_CAM_PHASE = "proxy step (CAMs of method.batch_size images)"
+_EVAL_PHASE = "evaluation (train.eval_batch_size images)"
+
+
+class _BatchProbe:
+    """One step of a trial at a given batch size, with everything that later needs device memory:
+
+    1. a training step (:func:`train_batch`, the training loop's own) on a batch whose every image is a
+       proxy — the in-batch proxy rebuild (:meth:`ProxyState.apply`), the augmentation, the channels-last
+       copy, forward, backward and the optimizer's step (its state allocated as in the trial);
+    2. a proxy step (:func:`proxy_step`, the real one) over ``method.batch_size`` images: their CAMs with
+       gradients, while the last step's gradients are still held, as after an epoch;
+    3. an evaluation forward of ``train.eval_batch_size`` images under no_grad.
+
+    Every trial probes the proxy parts, its baseline too, so a proxy cell and its baseline on the same
+    GPU pick the same size. ``phase`` names the part running, for the error when nothing fits.
+    """
+
+    def __init__(self, cfg: Any, model: torch.nn.Module, target_layer: TargetLayer, num_classes: int,
+                 device: torch.device, precision: Precision, channels_last: bool):
+        from types import SimpleNamespace
+
+        self.cfg, self.model, self.target_layer, self.num_classes = cfg, model, target_layer, num_classes
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        self.size = int(cfg.dataset.image_size)
+        p = cfg.proxy
+        # Every mistake explained (subset 1), nothing kept for TensorBoard, one layer of state.
+        self.proxy = SimpleNamespace(threshold=p.threshold, weight=p.weight, mode=p.mode, target=p.target,
+                                     clear_every_step=True, subset=1.0, log_images=0)
+        self.state = ProxyState(self.proxy, self.size, device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.max_lr) / 25,
+                                           **({"fused": True} if device.type == "cuda" else {}))
+        self.scaler = torch.amp.GradScaler(device.type) if precision.scaler is not None else None
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.phase = "training step"
+
+    def step(self, bs: int) -> None:
+        cam_bs, eval_bs = int(self.cfg.method.batch_size), int(self.cfg.train.eval_batch_size)
+        bank = _ProbeBank(max(bs, cam_bs, eval_bs), self.size, self.num_classes, self.device, self.generator)
+        if not self.state.layers:  # the first size: a proxy step gives the maps' shape
+            self.phase = _CAM_PHASE
+            self._proxy_step(bank, cam_bs)
+        self.phase = "training step"
+        idx = torch.arange(bs, device=self.device)
+        layer = self.state.layers[-1]
+        self.state.record(ProxyLayer(idx, layer.maps[idx % layer.index.numel()], layer.layer))  # all proxies
+        train_batch(self.model, self.optimizer, self.precision, self.scaler, self.state, idx, bank.images[:bs],
+                    bank.labels[:bs], _generator(bs), self.channels_last)
+        self.phase = _CAM_PHASE
+        self._proxy_step(bank, cam_bs)
+        self.phase = _EVAL_PHASE
+        self._evaluate(bank.images[:eval_bs])
+
+    def _proxy_step(self, bank: _ProbeBank, n: int) -> None:
+        mistakes = torch.full((bank.labels.numel(),), -1, dtype=torch.int32, device=self.device)
+        mistakes[:n] = ((bank.labels[:n] + 1) % self.num_classes).to(torch.int32)
+        proxy_step(self.model, bank, self.state, mistakes, self.proxy, self.cfg.method, self.target_layer,
+                   torch.Generator().manual_seed(0), self.channels_last)
+
+    def _evaluate(self, images: Tensor) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            x = normalize(to_float(images))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.precision.autocast(self.device):
+                self.model(x)
+        self.model.train(was_training)
+
+    def close(self) -> None:
+        self.state.layers = []
+        self.optimizer.state.clear()
+        for p in self.model.parameters():
+            p.grad = None
+
+
+def find_batch_size(cfg: Any, model: torch.nn.Module, target_layer: TargetLayer, num_classes: int,
+                    device: torch.device, precision: Precision, channels_last: bool, limit: int,
+                    gauge: Optional[MemoryGauge] = None) -> int:
+    """``train.batch_size=auto``: the largest batch the whole trial runs with, under the headroom rule of
+    :func:`search_batch_size`; each size tried runs a :class:`_BatchProbe` step.
+
+    The probe trains the trial's own model (no second copy in memory); its weights, buffers, flags and
+    gradients are put back afterwards, and random numbers come from a forked stream, so the trial
+    starts exactly as without the search. ``gauge``: the device's memory (default :func:`cuda_gauge`).
+    """
+    if gauge is None:
+        gauge = cuda_gauge(device) if device.type == "cuda" else MemoryGauge()
+    kept = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    training = model.training
+    probe = _BatchProbe(cfg, model, target_layer, num_classes, device, precision, channels_last)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            best = search_batch_size(probe.step, limit, gauge)
+    finally:
+        probe.close()
+        model.load_state_dict(kept)
+        model.train(training)
+        gauge.reset()
     if best == 0:
-        raise TrialError("train.batch_size=auto: not even a batch of 2 fits in GPU memory; use a smaller "
-                         "model or dataset.image_size")
+        fix = {"training step": "use a smaller model or dataset.image_size",
+               _CAM_PHASE: "lower method.batch_size", _EVAL_PHASE: "lower train.eval_batch_size"}[probe.phase]
+        raise TrialError(f"train.batch_size=auto: not even a batch of 2 fits in GPU memory (it ran out in "
+                         f"the {probe.phase}); {fix}, or set train.batch_size")
     return best
 
 
@@ -290,20 +465,8 @@ def train_epoch(trial: Trial, epoch: int) -> dict[str, float]:
         batches = tqdm(batches, total=math.ceil(order.numel() / trial.batch_size),
                        desc=f"epoch {epoch}/{trial.epochs}", leave=False)
     for idx, imgs, labels in batches:
-        x = training_input(trial.proxies.apply(idx, imgs), aug_gen)  # augmented, normalised
-        if trial.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast(device):
-            logits = model(x)
-            loss = F.cross_entropy(logits, labels)
-        trial.optimizer.zero_grad(set_to_none=True)
-        if precision.scaler:
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(trial.optimizer)
-            precision.scaler.update()
-        else:
-            loss.backward()
-            trial.optimizer.step()
+        logits, loss = train_batch(model, trial.optimizer, precision, precision.scaler, trial.proxies, idx, imgs,
+                                   labels, aug_gen, trial.channels_last)
         trial.scheduler.step()
         pred = logits.detach().argmax(1)
         hit = pred == labels
@@ -317,6 +480,31 @@ def train_epoch(trial: Trial, epoch: int) -> dict[str, float]:
                          "or turn off mixed precision (train.amp=false). Earlier checkpoints are kept.")
     trial.progress.timing["train_s"] += time.perf_counter() - t0
     return {"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc}
+
+
+def train_batch(model: torch.nn.Module, optimizer: Any, precision: Precision, scaler: Any, proxies: ProxyState,
+                idx: Tensor, imgs: Tensor, labels: Tensor, aug_gen: torch.Generator,
+                channels_last: bool) -> tuple[Tensor, Tensor]:
+    """One optimizer step on a batch: proxies swapped in, augmented and normalised, (channels-last),
+    forward, backward, step. imgs: (B, 3, S, S) uint8 of dataset indices ``idx``; returns (logits, loss).
+
+    The training loop's step, and the one :func:`find_batch_size` measures.
+    """
+    x = training_input(proxies.apply(idx, imgs), aug_gen)  # augmented, normalised
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with precision.autocast(imgs.device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return logits, loss
 
 
 def evaluate(trial: Trial, indices: Tensor) -> tuple[float, float]:
@@ -483,7 +671,7 @@ def write_result(trial: Trial, metrics: dict[str, Any], setup_s: float, clock: f
                  "split": data.split.fingerprint, "classes": len(data.samples.classes),
                  "train": len(data.train), "val": len(data.val), "test": len(data.test),
                  "in_memory": data.bank.in_memory},
-        "device": device_info(trial.device, trial.precision, trial.batch_size),
+        "device": device_info(trial.device, trial.precision, trial.batch_size, trial.cfg.train.deterministic),
         "run": {"device": str(trial.device), "batch_size": trial.batch_size, "epochs": trial.epochs,
                 "steps": trial.epochs * trial.steps_per_epoch, "channels_last": trial.channels_last,
                 "amp": str(trial.precision.dtype) if trial.precision.dtype else None,

@@ -20,6 +20,7 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs pip inst
 OPTUNA = ["hydra/sweeper=optuna", "+sweep=optuna_proxy"]
 
 
+@pytest.mark.floors
 def test_trials_are_cells_returning_their_validation_objective(fake):
     proc = fake(*OPTUNA, "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -162,6 +162,7 @@ def test_chunks_and_layout_do_not_change_the_maps(setups):
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("method", [m for m in CAM_METHODS if m not in NATIVE_CAM_METHODS])
 def test_every_library_method_runs(setups, method):
     model, target, images, targets = setups["test_resnet@32"]  # layer2: 4x4, 48 channels (ScoreCAM's cost)
@@ -184,3 +185,49 @@ def test_method_names_and_configs_agree():
     files = {p.stem: OmegaConf.load(p) for p in (CONF / "method").glob("*.yaml")}
     assert set(files) == set(CAM_METHODS)
     assert all(cfg.name == name for name, cfg in files.items())
+
+
+def _correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+
+
+def test_eigengradcam_sign_follows_the_gradcam_evidence():
+    """The shown lobe of the projection is the one where ReLU(evidence) is; negating the input (which
+    flips any SVD's sign) changes nothing; a constant evidence map falls back to the channel-sum rule."""
+    from proxyattention.cam import oriented_projection
+
+    torch.manual_seed(0)
+    ramp = torch.linspace(-1, 1, 7).view(1, 7).expand(7, 7)  # left lobe negative, right lobe positive
+    x = torch.randn(4, 8, 7, 7) * 0.05 + torch.randn(1, 8, 1, 1).sign() * ramp  # one dominant component
+    for side in (1.0, -1.0):  # evidence on the right, then on the left
+        evidence = (side * ramp).clamp_min(0).expand(4, 7, 7)
+        for sign in (1.0, -1.0):
+            proj = oriented_projection(sign * x, evidence)
+            assert (proj[:, :, -1].mean(1) * side > 0).all() and (proj[:, :, 0].mean(1) * side < 0).all()
+    constant = oriented_projection(x, torch.zeros(4, 7, 7))
+    assert torch.allclose(constant, oriented_projection(x))
+
+
+def test_eigengradcam_sign_agrees_with_gradcam_across_seeds():
+    """On untrained test_resnets (four seeds, smooth random images) the native EigenGradCAM's sign is
+    the one whose final map agrees better with pytorch-grad-cam's GradCAM map on at least 93% of the
+    images (the channel-sum rule it replaced: 88%; trained models, bench/explain.py: 0.97-0.99)."""
+    better, decided = 0, 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = build_model(OmegaConf.structured(ModelConfig(name="test_resnet")), num_classes=10, image_size=32)
+        target = find_target_layer(model, 32)
+        images = torch.nn.functional.avg_pool2d(torch.randn(48, 3, 32, 32), 5, 1, 2) * 3
+        with torch.no_grad():
+            predicted = model.eval()(images).argmax(1)
+        from proxyattention.cam import explain_batch, to_input_size
+
+        raw = explain_batch(model, images, predicted, "eigengradcam", target, impl="native", at="layer").maps
+        grad = compute_cams(model, images, predicted, "gradcam", target, impl="library")
+        shown = _correlations(to_input_size(raw, (32, 32)), grad)
+        flipped = _correlations(to_input_size(-raw, (32, 32)), grad)
+        better += int((shown > flipped).sum())
+        decided += int((shown != flipped).sum())
+    assert decided >= 150 and better / decided >= 0.93, (better, decided)  # 168 / 174 measured

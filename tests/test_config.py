@@ -134,3 +134,25 @@ def test_baselines_of_different_proxy_settings_are_one_cell():
     assert cell_id(b1) == cell_id(b2) == cell_id(explicit)
     assert canonical(b1)["proxy"]["schedule"] == "4"
     assert cell_id(b1) != cell_id(make("proxy=none", "train.seed=1"))
+
+
+def test_train_deterministic_is_a_checked_boolean_off_by_default():
+    assert to_trial_config(make()).train.deterministic is False
+    assert to_trial_config(make("train.deterministic=true")).train.deterministic is True
+    with pytest.raises(ConfigCompositionException) as e:
+        make("train.deterministic=sometimes")
+    assert "deterministic" in str(e.value)
+
+
+def test_train_deterministic_enters_an_id_only_when_on():
+    """Cells run before the key existed keep their ids; a deterministic cell (and its baseline) is another."""
+    from omegaconf import OmegaConf
+
+    before = OmegaConf.to_container(to_trial_config(make("proxy.schedule='1,p,1'")))
+    del before["train"]["deterministic"]  # a snapshot written before the key
+    off = make("proxy.schedule='1,p,1'", "train.deterministic=false")
+    on = make("proxy.schedule='1,p,1'", "train.deterministic=true")
+    assert cell_id(off) == cell_id(before) == cell_id(make("proxy.schedule='1,p,1'"))
+    assert cell_id(on) != cell_id(off)
+    assert cell_id(baseline_of(on)) != cell_id(baseline_of(off)) == cell_id(baseline_of(before))
+    assert canonical(baseline_of(on))["train"]["deterministic"] is True  # the pair runs alike

@@ -16,12 +16,16 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_amp_choice_matches_the_device():
-    p = train_mod.Precision.choose(True, torch.device("cuda"))
+    cuda = torch.device("cuda")
+    p = train_mod.Precision.choose(True, True, cuda)
+    no_fp16 = train_mod.Precision.choose(True, False, cuda)  # model.amp=false (ViT)
     if torch.cuda.get_device_capability() >= (8, 0):  # native bf16; a V100 (7.0) gets fp16 + scaler
         assert p.dtype == torch.bfloat16 and p.scaler is None
+        assert no_fp16.dtype == torch.bfloat16
     else:
         assert p.dtype == torch.float16 and p.scaler is not None
-    assert train_mod.Precision.choose(False, torch.device("cuda")).dtype is None
+        assert no_fp16.dtype is None
+    assert train_mod.Precision.choose(False, True, cuda).dtype is None
 
 
 def test_trial_on_gpu_with_amp_and_auto_batch_size(tmp_path):

@@ -95,6 +95,39 @@ def test_bad_input_is_one_error_naming_the_key_and_nothing_is_written(overrides,
     assert not any(Path(os.environ["PROXYATTENTION_STORE"]).iterdir())
 
 
+@pytest.mark.parametrize("data, overrides, needles", [
+    ("missing", ["proxy.threshold=0.1,0.4"], ["dataset.root=", "is not a folder"]),
+    ("empty", ["proxy.threshold=0.1,0.4"], ["dataset.root=", "no images found"]),
+    ("text", ["proxy.threshold=0.1,0.4"], ["dataset.root=", "no images found", "notes.txt"]),
+    ("one class", ["proxy.threshold=0.1,0.4"], ["dataset.root=", "1 class with images", "at least 2"]),
+    ("two classes", ["dataset.image_size=100000"], ["dataset.image_size=100000", "at most 4096"]),
+    ("two classes", ["dataset.name=../../x"], ["dataset.name='../../x'", "plain name"]),
+])
+def test_bad_data_is_one_error_naming_the_key_and_nothing_is_written(data, overrides, needles, tmp_path):
+    """Checked when planned, once per dataset (two jobs on a bad folder: one error), before any cell."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    if data != "missing":
+        root.mkdir()
+    if data == "text":
+        (root / "c0").mkdir()
+        (root / "c0" / "notes.txt").write_text("not an image")
+    for k in range({"one class": 1, "two classes": 2}.get(data, 0)):
+        (root / f"c{k}").mkdir()
+        for i in range(3):
+            Image.new("RGB", (12, 12), (60 * k, 20 * i, 0)).save(root / f"c{k}" / f"{i}.png")
+    sweep = tmp_path / "sweep"
+    proc = launcher("dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=32", "model=test_resnet",
+                    "proxy.schedule=1,p,1", *overrides, f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                    env={"PROXYATTENTION_CACHE": str(tmp_path / "cache")})
+    one_line_error(proc, *needles)
+    assert not sweep.exists()
+    assert not any(Path(os.environ["PROXYATTENTION_STORE"]).iterdir())
+    assert {p.name for p in tmp_path.iterdir()} <= {"data", "cache"}  # no split file, here or above
+    assert not (tmp_path / "cache" / "splits").exists()
+
+
 def test_the_trial_entry_point_refuses_a_bad_model_before_any_cell(tmp_path):
     sweep = tmp_path / "sweep"
     proc = launcher("-m", "model=test_resnet", "model.name=resnet_nope", f"hydra.sweep.dir={sweep}",
@@ -134,6 +167,7 @@ def test_a_dry_run_writes_nothing_and_caps_its_listing(tmp_path):
     assert len(full.stdout.splitlines()) > 100
 
 
+@pytest.mark.floors
 def test_a_done_reissue_writes_nothing_and_cells_carry_hydra_metadata(fake, tmp_path):
     first = fake("proxy.threshold=0.1,0.4")
     assert first.returncode == 0, first.stdout + first.stderr

@@ -112,7 +112,8 @@ def test_killed_launcher_leaves_a_claim_that_is_taken_over(fake):
     proc.communicate()
     assert _alive(orphan)
     (c,) = cells(fake.sweep).values()
-    assert c["state"] == "CANCELLED" and c["interrupted"]  # RUNNING with a dead launcher
+    # RUNNING with a dead launcher, its cell process alive: still running, orphaned (not CANCELLED)
+    assert c["state"] == "RUNNING" and not c["interrupted"] and c["error"].startswith("orphaned")
     rerun = fake("proxy=none", "proxy.schedule=2")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert not _alive(orphan)  # stopped before the rerun, so one process works in the folder

@@ -137,10 +137,12 @@ def test_move_aside_keeps_the_snapshot(tmp_path):
 
 
 def test_plans_list_cells_once_in_first_mention_order(tmp_path):
-    manifest.write_plan(tmp_path, "a", [CellRecord("b1", ["x=1"], role="baseline"),
-                                        CellRecord("p1", ["x=1", "t=1"], baseline="b1")])
-    manifest.write_plan(tmp_path, "b", [CellRecord("p1", ["x=1", "t=1"], baseline="b1"),
-                                        CellRecord("p2", ["x=1", "t=2"], baseline="b1")])
-    (tmp_path / "cells" / "orphan").mkdir(parents=True)
+    b1, p1, p2, orphan = "b1" * 6, "a1" * 6, "a2" * 6, "0f" * 6  # cell ids: 12 hex digits
+    manifest.write_plan(tmp_path, "a", [CellRecord(b1, ["x=1"], role="baseline"),
+                                        CellRecord(p1, ["x=1", "t=1"], baseline=b1)])
+    manifest.write_plan(tmp_path, "b", [CellRecord(p1, ["x=1", "t=1"], baseline=b1),
+                                        CellRecord(p2, ["x=1", "t=2"], baseline=b1)])
+    (tmp_path / "cells" / orphan).mkdir(parents=True)
+    (tmp_path / "cells" / f"{p2}.damaged-20240101-000000").write_text("")  # set aside: not a cell
     ids = [r.id for r in manifest.read_plans(tmp_path)]
-    assert ids == ["b1", "p1", "p2", "orphan"]
+    assert ids == [b1, p1, p2, orphan]

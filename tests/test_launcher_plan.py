@@ -177,12 +177,14 @@ def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
     write_plan_files(plan)
     done, failed, _ = [plan.cell_dir(c.id) for c in plan.cells]
     s = CellStatus().started_by(Owner.this_process(), pid=1)
+    (done / "result.json").write_text(json.dumps({"status": "done", "metrics": {"test/acc": 0.75}}))  # DONE needs it
     cellstate.write_status(done, dataclasses.replace(s.finished(CellState.DONE, exit_code=0,
                                                                metrics={"test/acc": 0.75}), job_id="4242_0"))
     cellstate.write_status(failed, s.finished(CellState.FAILED, exit_code=1, error="Traceback\nValueError: bad"))
     proc = run_module("launcher.status", str(tmp_path), "--json", cwd=tmp_path, check=True)
     out = json.loads(proc.stdout)
-    assert out["counts"] == {"PENDING": 1, "RUNNING": 0, "DONE": 1, "FAILED": 1, "TIMEOUT": 0, "CANCELLED": 0}
+    assert out["counts"] == {"PENDING": 1, "RUNNING": 0, "DONE": 1, "FAILED": 1, "TIMEOUT": 0, "CANCELLED": 0,
+                             "DAMAGED": 0}
     assert {"id", "state", "overrides", "attempts", "dir"} <= set(out["cells"][0])
     assert [c["state"] for c in out["cells"]] == ["DONE", "FAILED", "PENDING"]
     assert [c["job_id"] for c in out["cells"]] == ["4242_0", None, None]

@@ -241,6 +241,60 @@ def test_pairs_that_trained_differently_are_refused_and_mixed_devices_flagged(tm
     assert _device_notes(same) == [] and stats.pair_mismatches(same).empty
 
 
+def test_a_bf16_cell_and_an_fp16_baseline_are_refused_and_devices_named(tmp_path):
+    from proxyattention.analysis.report import _device_notes, _devices_line, _refused_pairs
+
+    s = tmp_path / "sweep"
+    v100 = {"type": "cuda", "name": "Tesla V100-SXM2-32GB", "precision": "fp16", "batch_size": 128}
+    a100 = {**v100, "name": "NVIDIA A100-SXM4-80GB", "precision": "bf16"}
+    write_cell(s, trial(0), 0.8, "DONE", device=a100)
+    write_cell(s, trial(0, proxy=False), 0.79, "DONE", device=v100)
+    write_cell(s, trial(1), 0.8, "DONE", device=v100)
+    write_cell(s, trial(1, proxy=False), 0.7, "DONE", device=v100)
+    df = table.load_results(s)
+    bad = stats.pair_mismatches(df)
+    assert bad["cell_id"].tolist() == [cell_id(trial(0))]
+    assert bad["differs"].iloc[0] == "precision bf16 vs fp16"
+    diffs = stats.paired_differences(df).set_index("cell_id")
+    assert math.isnan(diffs.loc[cell_id(trial(0)), "diff"])
+    assert diffs.loc[cell_id(trial(0)), "baseline_state"] == "not a pair"
+    assert diffs.loc[cell_id(trial(1)), "diff"] == pytest.approx(0.1)
+    refused = "\n".join(_refused_pairs(df))
+    assert f"- {cell_id(trial(0))} vs baseline {cell_id(trial(0, proxy=False))}: precision bf16 vs fp16" \
+        in refused
+    assert "share the split, batch size, device type, precision and epochs" in refused
+    assert _devices_line(df) == ["- Devices: 3 cell(s) on Tesla V100-SXM2-32GB (cuda, fp16); "
+                                 "1 cell(s) on NVIDIA A100-SXM4-80GB (cuda, bf16)."]
+    notes = "\n".join(_device_notes(df))
+    assert "cells ran on different devices (1 on NVIDIA A100-SXM4-80GB, 3 on Tesla V100-SXM2-32GB)" in notes
+
+
+def test_results_without_a_recorded_precision_still_pair(tmp_path):
+    """Results written before the device block (only ``run``) or without ``device.precision``: the
+    precision comes from ``run.amp`` where recorded, else it is not compared."""
+    s = tmp_path / "sweep"
+    write_cell(s, trial(0), 0.8, "DONE", device={"type": "cuda", "name": "Tesla V100", "precision": "fp16",
+                                                 "batch_size": 128})
+    write_cell(s, trial(0, proxy=False), 0.79, "DONE")  # no device block, no run.amp
+    write_cell(s, trial(1), 0.8, "DONE", device={"type": "cuda", "name": "Tesla V100", "batch_size": 128})
+    amp = write_cell(s, trial(1, proxy=False), 0.7, "DONE")
+    result = json.loads((amp / "result.json").read_text())
+    result["run"].update(device="cuda:0", batch_size=128, amp="torch.float16")
+    (amp / "result.json").write_text(json.dumps(result))
+    df = table.load_results(s).set_index("cell_id")
+    assert pd.isna(df.loc[cell_id(trial(0, proxy=False)), "device.precision"])
+    assert df.loc[cell_id(trial(1, proxy=False)), "device.precision"] == "fp16"
+    assert stats.pair_mismatches(df.reset_index()).empty
+    diffs = stats.paired_differences(df.reset_index()).set_index("cell_id")
+    assert diffs.loc[cell_id(trial(0)), "diff"] == pytest.approx(0.01)
+    assert diffs.loc[cell_id(trial(1)), "diff"] == pytest.approx(0.1)
+    fp32 = write_cell(tmp_path / "fp32", trial(0, proxy=False), 0.7, "DONE")
+    result = json.loads((fp32 / "result.json").read_text())
+    result["run"]["amp"] = None  # autocast off: fp32
+    (fp32 / "result.json").write_text(json.dumps(result))
+    assert table.load_results(tmp_path / "fp32")["device.precision"].tolist() == ["fp32"]
+
+
 def test_holm_adjustment_and_paired_p_values():
     assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
     assert stats.holm([0.5, 0.9]) == [1.0, 1.0]

@@ -172,6 +172,7 @@ def compose_launcher(*overrides: str):
     return cfg.hydra.launcher
 
 
+@pytest.mark.floors
 def test_slurm_v100_sbatch_script_is_what_the_profile_says():
     lc = compose_launcher("hydra/launcher=slurm_v100", "hydra.launcher.account=proj42",
                           "hydra.launcher.partition=gpu", "hydra.launcher.setup=[module load cuda]")
@@ -294,6 +295,7 @@ def test_the_old_chunking_broke_the_cap():
     assert simulate(old, [1.0] * 5000)[0] == 80
 
 
+@pytest.mark.floors
 def test_array_parameters_chain_and_keep_a_users_dependency():
     opts = SlurmOptions(additional_parameters={"dependency": "afterok:99"})
     script = sbatch_script(opts, Path("/s"), map_count=5, parallelism=3, after="123")
@@ -670,3 +672,67 @@ def test_local_launch_does_not_run_cells_queued_in_slurm(cluster, sweep, tmp_pat
                               capture_output=True, text=True).stdout
         assert f"{c['job_id']} PENDING" in held, held  # still queued for Slurm to run
     assert "Nothing to run here: 2 cells are queued or running in Slurm" in proc.stdout
+
+
+@pytest.mark.slurm
+def test_thesis_rehearsal_with_offline_cached_weights(cluster, sweep, tmp_path):
+    """A thesis sweep as a cluster runs it, small: ``+sweep=thesis_thresholds`` (model.pretrained=true,
+    p_trains) with shapes and test_resnet standing in for its dogs and ResNet/EfficientNet, its grid cut
+    to one proxy cell and its baseline, through ``hydra/launcher=slurm_v100`` with the GPU request
+    dropped for the CPU node (``gres=null``: no PROXYATTENTION_REQUIRE_GPU either). The hub is offline;
+    the pretrained weights are a file the weights command put into an empty cache. Both cells end DONE
+    and trained from exactly that file."""
+    import safetensors.torch
+    import timm
+    import torch
+    import yaml
+
+    from proxyattention.cellstate import REQUIRE_GPU_ENV
+
+    torch.manual_seed(123)  # an init no cell makes itself (cells seed 0): only loading it gives these
+    seed = timm.create_model("test_resnet").state_dict()
+    file = tmp_path / "test_resnet.safetensors"
+    safetensors.torch.save_file(seed, str(file))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
+           "HF_HUB_OFFLINE": "1"}
+    for k in (REQUIRE_GPU_ENV, "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(k, None)
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       text=True, capture_output=True, timeout=300)
+    grid = ("launcher", "+sweep=thesis_thresholds", "dataset=shapes", "model=test_resnet", "train.seed=0",
+            "proxy.threshold=0.4", "proxy.schedule=1,p,1", "explain.enabled=false",
+            "hydra/launcher=slurm_v100", "hydra.launcher.gres=null", "hydra.launcher.mem_gb=null",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.heartbeat_s=2", f"hydra.sweep.dir={sweep}")
+
+    refused = run(*grid)  # offline and nothing cached: refused before anything is submitted
+    assert refused.returncode != 0 and "test_resnet" in refused.stderr, refused.stdout + refused.stderr
+    assert not sweep.exists()
+    fetched = run("proxyattention.data", "weights", "--from-file", f"test_resnet={file}")
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    cached = Path(fetched.stdout.strip().rsplit(": ", 1)[1])
+    assert cached.is_file() and str(tmp_path / "hf" / "hub") in str(cached)
+
+    t0 = time.monotonic()
+    submit = run(*grid)
+    assert submit.returncode == 0 and "submitted 2 of 2 cells" in submit.stdout, submit.stdout + submit.stderr
+    cells = wait_for(lambda: all_in(sweep, "DONE", "FAILED", "CANCELLED", "TIMEOUT"), 300, "the rehearsal to end")
+    print(f"rehearsal: 2 cells DONE through Slurm in {time.monotonic() - t0:.0f} s")
+    assert {c["state"] for c in cells.values()} == {"DONE"}, cells
+    scripts = "".join(s.read_text() for s in (sweep / "slurm").glob("*.sh"))
+    assert "--gres" not in scripts and "--cpus-per-task=1" in scripts
+    conv = [k for k, v in seed.items() if v.ndim == 4]
+    p_trains = []
+    for cid in cells:
+        cell = sweep / "cells" / cid
+        cfg = yaml.safe_load((cell / "config.yaml").read_text())
+        assert cfg["model"]["name"] == "test_resnet" and cfg["model"]["pretrained"] is True
+        assert cfg["dataset"]["name"] == "shapes"
+        p_trains.append(cfg["proxy"].get("p_trains"))
+        assert f"pretrained weights from {cached}" in (cell / "trial.log").read_text()
+        trained = torch.load(cell / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+        # Three epochs move the weights a little: still the file's (a cell's own init gives ~0).
+        similarity = torch.nn.functional.cosine_similarity(
+            torch.cat([trained[k].flatten().float() for k in conv]), torch.cat([seed[k].flatten() for k in conv]),
+            dim=0)
+        assert similarity > 0.9, (cid, float(similarity))
+    assert True in p_trains  # the saved sweep's setting reached the proxy cell

@@ -37,6 +37,7 @@ def trial_cfg(tmp_path: Path, schedule: str = "1,p,1", enabled: bool = True, **t
     return cfg
 
 
+@pytest.mark.floors
 @pytest.mark.slow
 def test_cli_trial_leaves_a_complete_record(tmp_path):
     out = tmp_path / "trial"
@@ -96,6 +97,7 @@ def test_proxy_and_baseline_are_paired(tmp_path):
     assert "overlay" not in ck_p and "proxy_state" not in ck_p
 
 
+@pytest.mark.floors
 @pytest.mark.slow
 def test_killed_trial_resumes_to_the_same_result(tmp_path):
     args = ("proxy.schedule=2,p,2", "train.num_threads=1")

@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -192,10 +193,18 @@ def _only(table: pd.DataFrame, ds: str, model: str) -> Optional[pd.Series]:
     return here.iloc[0] if len(here) else None
 
 
+# What "best" is selected on: the final model's validation accuracy, the model whose test accuracy is
+# reported. The peak over epochs (val/acc_best) is a maximum of noisy values: it favours the
+# configurations whose validation accuracy fluctuates most, and the model at that peak is not the one tested.
+SELECT_ON = "val/acc"
+
+
 def _best_config(proxy: pd.DataFrame, val: pd.Series, ds: str, model: str) -> Optional[str]:
-    """The proxy configuration of one dataset/model with the highest mean validation accuracy."""
+    """The proxy configuration of one dataset/model with the highest mean final validation accuracy
+    (``val``: :data:`SELECT_ON` averaged per configuration; configurations without it are no candidates)."""
     here = proxy[(proxy["dataset.name"].astype(str) == ds) & (proxy["model.name"].astype(str) == model)]
-    return val[val.index.isin(here["config_id"])].idxmax() if not here.empty and len(val) else None
+    candidates = val[val.index.isin(here["config_id"])].dropna()
+    return candidates.idxmax() if not candidates.empty else None
 
 
 def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[str, pd.DataFrame]:
@@ -205,7 +214,7 @@ def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[s
     pooled = grouped_paired(df, by, metric, level)
     summary = paired_summary(df, metric, level).set_index("config_id", drop=False)
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
-    val = proxy.groupby("config_id")["val/acc_best"].mean() if "val/acc_best" in proxy else pd.Series()
+    val = proxy.groupby("config_id")[SELECT_ON].mean() if SELECT_ON in proxy else pd.Series(dtype=float)
     keys = sorted(set(map(tuple, df.loc[df["state"] == "DONE", by].astype(str).values.tolist())))
     nan2 = (math.nan, math.nan)
     rows, fig_rows = [], []
@@ -229,11 +238,14 @@ def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[s
                          "proxy (all)": (pm.acc_mean, pm.acc_std) if pm is not None else nan2,
                          "proxy (best)": (bs.proxy_mean, bs.proxy_std) if bs is not None else nan2})
     table = markdown_table(rows, ["dataset", "model", "baseline", "proxy (all configs)",
-                                  "Δ all, per seed [95% CI]", "proxy (best config, selected on val acc)",
+                                  "Δ all, per seed [95% CI]", "proxy (best config, selected on final val acc)",
                                   "Δ best [95% CI]", "note", "training"])
-    table += ("\n\nThe best configuration is the one with the highest mean *validation* accuracy; its "
-              "test Δ is reported after that selection, so it is optimistic when many configurations "
-              "were tried (see the Holm-adjusted p-values below).")
+    table += ("\n\nThe best configuration is the one with the highest mean *final validation* accuracy "
+              f"(`{SELECT_ON}`, of the same model whose test accuracy is shown; not the peak `val/acc_best`, a "
+              "maximum over epochs that favours the configurations whose validation accuracy fluctuates "
+              "most, reached by a model that is not the one tested). Its test Δ is reported after that "
+              "selection, so it is still optimistic when many configurations were tried (see the "
+              "Holm-adjusted p-values below).")
     return table, pd.DataFrame(fig_rows)
 
 
@@ -287,8 +299,11 @@ def _explain_cells(s: Optional[pd.Series]) -> list[str]:
     if s is None or s["paired"] == 0:
         return ["–", "–"]
     diff = fmt_diff(s.diff_mean, s.ci_lo, s.ci_hi, digits=3)
-    return [f"{s.baseline_mean:.3g} → {s.proxy_mean:.3g}",
-            diff + (" (contains 0)" if s.paired >= 2 and s.contains_zero else "")]
+    if s.get("degenerate", False):
+        diff += f" (all {int(s.paired)} Δ equal: no interval)"
+    elif s.paired >= 2 and s.contains_zero:
+        diff += " (contains 0)"
+    return [f"{s.baseline_mean:.3g} → {s.proxy_mean:.3g}", diff]
 
 
 def _table_explain(df: pd.DataFrame, labels: dict[str, str], level: float) -> Optional[str]:
@@ -331,18 +346,42 @@ def _explain_method_notes(df: pd.DataFrame) -> list[str]:
             "the proxy model (set explain.method to another method)."]
 
 
+def _devices_line(df: pd.DataFrame) -> list[str]:
+    """Where the DONE cells ran: each device by name, with its type and precision, and its cell count."""
+    done = df[df["state"] == "DONE"]
+    if done.empty or "device.type" not in done.columns:
+        return []
+    cols = ["device.name", "device.type", "device.precision"]
+    runs = done.reindex(columns=cols).astype(object)
+    counts = Counter(runs.where(runs.notna(), None).itertuples(index=False, name=None))
+
+    def label(key: tuple) -> str:
+        name, kind, precision = key
+        detail = ", ".join(str(v) for v in (kind, precision) if v)
+        return f"{name or 'an unnamed device'}" + (f" ({detail})" if detail else "")
+
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], label(kv[0])))
+    return ["- Devices: " + "; ".join(f"{n} cell(s) on {label(k)}" for k, n in ordered) + "."]
+
+
 def _device_notes(df: pd.DataFrame) -> list[str]:
-    """Caveats where cells of one dataset × model table ran on different device types."""
+    """Caveats where cells of one dataset × model table ran on different device types, or on different
+    devices of one type (a V100 and an A100)."""
     done = df[df["state"] == "DONE"]
     if done.empty or "device.type" not in done.columns:
         return []
     notes = []
     for (ds, model), group in done.groupby(["dataset.name", "model.name"], sort=True):
         counts = group["device.type"].dropna().value_counts()
+        names = group["device.name"].dropna().value_counts() if "device.name" in group else counts.iloc[0:0]
         if len(counts) > 1:
             mix = ", ".join(f"{n} on {kind}" for kind, n in counts.sort_index().items())
             notes.append(f"- {ds} / {model}: cells ran on different device types ({mix}); timings, and "
                          "through the precision used, accuracies are not strictly comparable.")
+        elif len(names) > 1:
+            mix = ", ".join(f"{n} on {name}" for name, n in names.sort_index().items())
+            notes.append(f"- {ds} / {model}: cells ran on different devices ({mix}); timings are not "
+                         "comparable, and accuracies only where the precision is the same.")
     return notes
 
 
@@ -353,8 +392,9 @@ def _refused_pairs(df: pd.DataFrame) -> list[str]:
         return []
     return ["", "## Pairs refused", "",
             f"{len(bad)} proxy cell(s) were not compared with their baseline, which trained differently "
-            "(a pair must share the split, batch size, device type and epochs; set `train.batch_size` to "
-            "a number and run both on one kind of device):", ""] + \
+            "(a pair must share the split, batch size, device type, precision and epochs; set "
+            "`train.batch_size` to a number and run both on one kind of GPU — the precision follows the "
+            "GPU: bf16 from compute capability 8.0, fp16 or fp32 below):", ""] + \
         [f"- {r.cell_id} vs baseline {r.baseline_id}: {r.differs}" for r in bad.itertuples()]
 
 
@@ -446,7 +486,7 @@ def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfi
     table, bar_rows = _table_dataset_model(df, metric, rc.level)
     md = ["", "## Test accuracy by dataset and model", "",
           "\"all configs\" pools every proxy configuration (Δ averaged per seed first); \"best\" is the "
-          "configuration with the highest mean validation accuracy (chosen without the test set).", "",
+          "configuration with the highest mean final validation accuracy (chosen without the test set).", "",
           table]
     for param in ("proxy.schedule", *HYPERPARAMETERS):
         md += ["", f"## By {param.split('.')[-1]}", "", _table_by(df, param, metric, rc.level)]
@@ -520,7 +560,8 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
     md += _accuracy_sections(df, labels, rc, out)
     md += _maps_section(df, labels, rc, out)
     md += _refused_pairs(df)
-    md += ["", "## Checks", ""] + _tb_section(df, rc.tb_check) + _explain_method_notes(df) + _device_notes(df)
+    md += ["", "## Checks", ""] + _tb_section(df, rc.tb_check) + _devices_line(df) \
+        + _explain_method_notes(df) + _device_notes(df)
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"
 

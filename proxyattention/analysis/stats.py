@@ -2,7 +2,9 @@
 
 A proxy cell is compared with the baseline of the same seed (same split, initial weights, data order
 and epochs), and a Student-t interval (95% by default) is given over seeds. Each number carries plain
-caveats: a missing baseline, fewer than ``MIN_SEEDS`` seeds, an interval that contains zero.
+caveats: a missing baseline, fewer than ``MIN_SEEDS`` seeds, an interval that contains zero, and
+differences that are all equal (zero spread: the t statistic is undefined, so there is neither an
+interval nor a p-value, only the difference and n).
 """
 
 from __future__ import annotations
@@ -35,9 +37,23 @@ def t_quantile(p: float, df: float) -> float:
     return float(student_t.ppf(p, df))
 
 
+# Differences whose standard deviation is below this fraction of their size (at least 1) are taken as
+# all equal: accuracies are fractions k/N, and differences of the same k/N come out of floating point
+# a few ulps apart, which would otherwise give an enormous t and p = 0.
+ZERO_SPREAD_RTOL = 1e-9
+
+
+def zero_spread(n: int, mean: float, std: float) -> bool:
+    """Whether ``n`` ≥ 2 values are all equal (up to rounding): the paired t statistic, mean / (std /
+    √n), is then undefined (0/0 or ±∞), so there is no t interval and no p-value."""
+    return (n >= 2 and std is not None and math.isfinite(std) and mean is not None and math.isfinite(mean)
+            and std <= ZERO_SPREAD_RTOL * max(1.0, abs(mean)))
+
+
 @dataclass
 class Interval:
-    """Mean ± std over n values, with a two-sided t interval (NaN bounds when n < 2)."""
+    """Mean ± std over n values, with a two-sided t interval (NaN bounds when n < 2, and when the n
+    values are all equal: :attr:`degenerate`)."""
 
     n: int
     mean: float
@@ -48,6 +64,11 @@ class Interval:
     @property
     def contains_zero(self) -> bool:
         return not (self.lo > 0 or self.hi < 0)  # NaN bounds count as "contains zero"
+
+    @property
+    def degenerate(self) -> bool:
+        """All values equal (n ≥ 2, zero spread): no t interval, no p-value (:func:`zero_spread`)."""
+        return zero_spread(self.n, self.mean, self.std)
 
 
 def mean_interval(values: Iterable[float], level: float = 0.95) -> Interval:
@@ -60,14 +81,18 @@ def mean_interval(values: Iterable[float], level: float = 0.95) -> Interval:
     if n == 1:
         return Interval(1, mean, math.nan, math.nan, math.nan)
     std = float(x.std(ddof=1))
+    if zero_spread(n, mean, std):
+        return Interval(n, mean, std, math.nan, math.nan)
     half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
     return Interval(n, mean, std, mean - half, mean + half)
 
 
 # What a proxy cell and its baseline must share to be a pair: the same data split, the same batch size
-# (so the same gradient steps), the same kind of device (so the same precision) and the same epochs.
+# (so the same gradient steps), the same kind of device, the same precision (a bf16 cell on an A100 is
+# no pair for an fp16 baseline on a V100) and the same epochs. A key a result does not record (older
+# results) is not compared.
 PAIR_KEYS = {"data.split": "split", "device.batch_size": "batch size", "device.type": "device type",
-             "run.epochs": "epochs"}
+             "device.precision": "precision", "run.epochs": "epochs"}
 
 
 def pair_mismatches(df: pd.DataFrame) -> pd.DataFrame:
@@ -120,11 +145,11 @@ def paired_differences(df: pd.DataFrame, metric: str = "test/acc") -> pd.DataFra
 
 
 def paired_p_value(mean: float, std: float, n: int) -> float:
-    """Two-sided p-value of a paired t test that the mean difference is 0 (NaN below 2 pairs)."""
-    if n < 2 or not np.isfinite(mean) or not np.isfinite(std):
+    """Two-sided p-value of a paired t test that the mean difference is 0. NaN below 2 pairs, for NaN
+    input, and when the differences are all equal (:func:`zero_spread`): the t statistic is then 0/0
+    or ±∞, and no p-value can be read from it."""
+    if n < 2 or not np.isfinite(mean) or not np.isfinite(std) or zero_spread(n, mean, std):
         return math.nan
-    if std == 0:
-        return 0.0 if mean != 0 else 1.0
     return 2 * (1 - t_cdf(abs(mean) / (std / math.sqrt(n)), n - 1))
 
 
@@ -148,7 +173,10 @@ def notes_for(interval: Optional[Interval], missing_baselines: int, seeds: int) 
         notes.append(f"no baseline for {missing_baselines} seed(s)")
     if 0 < seeds < MIN_SEEDS:
         notes.append(f"only {seeds} seed(s) (< {MIN_SEEDS})")
-    if interval is not None and interval.n >= 2 and interval.contains_zero:
+    if interval is not None and interval.degenerate:
+        notes.append(f"degenerate test: all {interval.n} differences equal ({interval.mean:+.4g}), so the "
+                     "t statistic is undefined (no interval, no p-value)")
+    elif interval is not None and interval.n >= 2 and interval.contains_zero:
         notes.append("interval contains 0")
     if interval is not None and interval.n == 0:
         notes.append("no paired result")
@@ -156,19 +184,23 @@ def notes_for(interval: Optional[Interval], missing_baselines: int, seeds: int) 
 
 
 def _intervals(groups: Any, level: float) -> pd.DataFrame:
-    """n, mean, std and t-interval bounds of each group of a grouped Series (NaN values ignored)."""
+    """n, mean, std and t-interval bounds of each group of a grouped Series (NaN values ignored); the
+    bounds are NaN where the group's values are all equal (``degenerate``: :func:`zero_spread`)."""
     agg = groups.agg(["count", "mean", "std"])
     n = agg["count"].to_numpy()
     q = np.array([t_quantile(0.5 + level / 2, k - 1) if k >= 2 else math.nan for k in n])
     half = q * agg["std"].to_numpy() / np.sqrt(np.maximum(n, 1))
+    agg["degenerate"] = [zero_spread(int(k), m, s) for k, m, s in zip(n, agg["mean"], agg["std"])]
+    half = np.where(agg["degenerate"].to_numpy(dtype=bool), math.nan, half)
     agg["lo"], agg["hi"] = agg["mean"] - half, agg["mean"] + half
     return agg
 
 
-def _notes(paired: np.ndarray, missing: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[str]:
+def _notes(paired: np.ndarray, missing: np.ndarray, lo: np.ndarray, hi: np.ndarray, mean: np.ndarray,
+           std: np.ndarray) -> list[str]:
     """:func:`notes_for` of each row of a summary."""
-    return [notes_for(Interval(int(n), math.nan, math.nan, a, b), int(m), int(n))
-            for n, m, a, b in zip(paired, missing, lo, hi)]
+    return [notes_for(Interval(int(n), d, s, a, b), int(m), int(n))
+            for n, m, a, b, d, s in zip(paired, missing, lo, hi, mean, std)]
 
 
 def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.95) -> pd.DataFrame:
@@ -176,7 +208,8 @@ def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.
     difference's mean, std and t interval over seeds, with ``note`` saying what weakens the number.
     """
     cols = ["config_id", "seeds", "paired", "proxy_mean", "proxy_std", "baseline_mean", "baseline_std",
-            "diff_mean", "diff_std", "ci_lo", "ci_hi", "no_baseline", "few_seeds", "contains_zero", "note"]
+            "diff_mean", "diff_std", "ci_lo", "ci_hi", "no_baseline", "few_seeds", "contains_zero",
+            "degenerate", "note"]
     diffs = paired_differences(df, metric)
     if diffs.empty:
         return pd.DataFrame(columns=cols + ["p", "p_holm"])
@@ -195,7 +228,9 @@ def paired_summary(df: pd.DataFrame, metric: str = "test/acc", level: float = 0.
     out["no_baseline"] = out["seeds"] - out["paired"]
     out["few_seeds"] = out["paired"] < MIN_SEEDS
     out["contains_zero"] = ~((out["ci_lo"] > 0) | (out["ci_hi"] < 0))
-    out["note"] = _notes(out["paired"], out["no_baseline"], out["ci_lo"], out["ci_hi"])
+    out["degenerate"] = d["degenerate"].to_numpy(dtype=bool)
+    out["note"] = _notes(out["paired"], out["no_baseline"], out["ci_lo"], out["ci_hi"], out["diff_mean"],
+                         out["diff_std"])
     out["p"] = [paired_p_value(m, s, int(n)) for m, s, n in zip(out["diff_mean"], out["diff_std"], out["paired"])]
     out["p_holm"] = holm(out["p"])
     return out[cols + ["p", "p_holm"]].reset_index(drop=True)
@@ -225,7 +260,8 @@ def grouped_paired(df: pd.DataFrame, by: Sequence[str], metric: str = "test/acc"
     res = out.reset_index().rename(columns={"count": "cells", "mean": "acc_mean", "std": "acc_std",
                                             "d_mean": "diff_mean", "d_std": "diff_std", "d_lo": "ci_lo",
                                             "d_hi": "ci_hi", "d_count": "paired_seeds"})
-    res["note"] = _notes(res["paired_seeds"], res["missing"], res["ci_lo"], res["ci_hi"])
+    res["note"] = _notes(res["paired_seeds"], res["missing"], res["ci_lo"], res["ci_hi"], res["diff_mean"],
+                         res["diff_std"])
     return res[[*by, "cells", "seeds", "acc_mean", "acc_std", "diff_mean", "diff_std", "ci_lo", "ci_hi",
                 "paired_seeds", "note"]]
 

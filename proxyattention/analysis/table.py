@@ -21,7 +21,16 @@ import pandas as pd
 import yaml
 
 from proxyattention import identity
-from proxyattention.cellstate import STATUS, CellState, error_headline
+from proxyattention.cellstate import (
+    STATUS,
+    CellState,
+    error_headline,
+    folder_problem,
+    is_cell_id,
+    read_status,
+    result_content_problem,
+    result_problem,
+)
 from proxyattention.config import GROUP_SCHEMAS
 from proxyattention.fileio import CHECKPOINT, CONFIG, ERROR, RESULT, TB_DIR, read_json
 
@@ -61,21 +70,34 @@ def _plans(sweep: Path) -> dict[str, dict]:
     if not plan_dir.is_dir():
         return out
     for path in sorted(plan_dir.glob("*.json")):
-        for c in (read_json(path) or {}).get("cells", []):
+        cells = (read_json(path) or {}).get("cells", [])
+        for c in cells if isinstance(cells, list) else []:
             if isinstance(c, dict) and "id" in c:
+                if not is_cell_id(c["id"]):  # never a path: a crafted id could name any folder
+                    raise ResultsError(f"{path}: {str(c['id'])[:60]!r} is not a cell id (12 hex digits); the "
+                                       "plan file is damaged or crafted: remove it")
                 out.setdefault(c["id"], c)
     return out
 
 
-def _state(status: Optional[dict], done: bool, error: Optional[dict]) -> str:
-    """The cell's state: its ``status.json``'s, else what its result or error files say."""
-    if status is not None:
-        return str(status.get("state", CellState.PENDING.value))
+def _state(has_status: bool, status: Any, done: bool, error: Optional[dict]) -> str:
+    """The cell's state: its ``status.json``'s as :func:`proxyattention.cellstate.read_status` judges it
+    (DAMAGED when it cannot be trusted), else what its result or error files say."""
+    if has_status or status.state == CellState.DAMAGED:
+        return status.state.value
     if done:
         return CellState.DONE.value  # a cell run by hand (python -m proxyattention.cell), no launcher status
     if error is not None:
         return CellState.FAILED.value
     return CellState.PENDING.value
+
+
+def _precision_of_run(run: dict) -> Optional[str]:
+    """The precision an older result (no ``device`` block) recorded as ``run.amp``: the autocast dtype, or
+    null for fp32; None where it recorded nothing."""
+    if "amp" not in run:
+        return None
+    return {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(run["amp"])
 
 
 def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
@@ -90,7 +112,7 @@ def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
     device = result.get("device") or {}  # older results: only run.device and run.batch_size
     row["device.type"] = device.get("type") or str(run.get("device") or "").split(":")[0] or None
     row["device.name"] = device.get("name")
-    row["device.precision"] = device.get("precision")
+    row["device.precision"] = device.get("precision") or _precision_of_run(run)
     row["device.batch_size"] = device.get("batch_size", run.get("batch_size"))
     row["data.split"] = (result.get("data") or {}).get("split")
     row["result_path"] = str(cell / RESULT)
@@ -98,24 +120,30 @@ def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
 
 
 def _cell_row(cell: Path, now: float) -> dict[str, Any]:
-    """The state, error, result and path columns of one cell folder."""
-    status = read_json(cell / STATUS)
+    """The state, error, result and path columns of one cell folder. An entry that cannot be trusted
+    (see :func:`proxyattention.cellstate.read_status`: a status that is not JSON, has an unknown state or
+    wrong types, or a DONE whose result is missing, truncated or malformed) is DAMAGED, the reason in
+    ``problem``."""
+    has_status = os.path.lexists(cell / STATUS)
+    status = read_status(cell)
     result = read_json(cell / RESULT)
     error = read_json(cell / ERROR)
-    done = result is not None and result.get("status") == "done"
-    state = _state(status, done, error)
+    done = result is not None and result_content_problem(result) is None
+    state = _state(has_status, status, done, error)
+    if state == CellState.DONE.value and not done:  # the status trusted a result that this read cannot
+        state = CellState.DAMAGED.value
+        status.error = f"{STATUS} says DONE but {result_problem(cell) or RESULT + ' is not a finished result'}"
     row: dict[str, Any] = {"state": state, "dir": str(cell)}
-    if status is not None:
-        row["attempts"] = status.get("attempts")
-        row["duration_s"] = status.get("duration_s")
-        hb = status.get("heartbeat")
+    if has_status:
+        row["attempts"] = status.attempts
+        row["duration_s"] = status.duration_s
+        hb = status.heartbeat
         row["heartbeat_age_s"] = (now - hb) if (state == CellState.RUNNING.value and hb) else np.nan
-        if status.get("error"):
-            row["error"] = error_headline(status.get("error"))
+    if status.error:
+        row["error"] = error_headline(status.error)
     if "error" not in row and error is not None and state != CellState.DONE.value:
         row["error"] = error_headline(f"{error.get('type', 'Error')}: {error.get('error', '')}")
-    row["problem"] = ("status DONE but result.json is missing or unfinished"
-                      if state == CellState.DONE.value and not done else "")
+    row["problem"] = f"DAMAGED: {error_headline(status.error)}" if state == CellState.DAMAGED.value else ""
     if done:
         row.update(_result_columns(cell, result))
     row["tb_dir"] = str(cell / TB_DIR) if (cell / TB_DIR).is_dir() else None
@@ -124,13 +152,27 @@ def _cell_row(cell: Path, now: float) -> dict[str, Any]:
 
 
 def _snapshot(cfg_path: Path) -> dict:
-    """The config groups of a cell's ``config.yaml``."""
+    """The config groups of a cell's ``config.yaml``; :class:`ResultsError` when it is not a config."""
     try:
         with open(cfg_path, "rb") as f:
             snapshot = yaml.load(f, Loader=_YAML_LOADER) or {}
     except yaml.YAMLError as e:
-        raise ResultsError(f"{cfg_path} is not valid YAML ({e}); fix or remove that cell folder") from None
+        raise ResultsError(f"{cfg_path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise ResultsError(f"{cfg_path} cannot be read ({e.strerror or e})") from None
+    if not isinstance(snapshot, dict) or not all(isinstance(snapshot.get(g, {}), dict) for g in GROUP_SCHEMAS):
+        raise ResultsError(f"{cfg_path} is not a trial config")
     return {k: v for k, v in snapshot.items() if k in GROUP_SCHEMAS}
+
+
+def _bare_row(name: str, cell: Path, plan: Optional[dict], state: str, problem: str) -> dict[str, Any]:
+    """The row of a cell whose config cannot be read (its folder is gone from the store, or its entry is
+    damaged): listed with its problem, never dropped; what the plan knows of it is kept."""
+    plan = plan or {}
+    role = plan.get("role")
+    return {"cell_id": name, "state": state, "dir": str(cell), "problem": problem,
+            "role": role if role in ("proxy", "baseline") else None, "config_id": None,
+            "baseline_id": plan.get("baseline"), "overrides": " ".join(map(str, plan.get("overrides", [])))}
 
 
 def _add_problem(row: dict[str, Any], problem: str) -> None:
@@ -171,28 +213,40 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
         raise ResultsError(f"{sweep} has no cells/ folder; pass the sweep folder (the one holding cells/)")
     now = time.time()
     plans = _plans(sweep)
-    snapshots, rows = [], []
-    for name in sorted(os.listdir(root)):
+    snapshots, rows, bare = [], [], []
+    for name in sorted(set(os.listdir(root)) | set(plans)):
         cell = root / name
         if not (cell / CONFIG).is_file():
+            # A planned cell (or a link or folder named like one) without its config: gone from the
+            # store, or damaged. Listed as a problem; a re-issue of the sweep makes and runs it again.
+            if name in plans or (is_cell_id(name) and (os.path.islink(cell) or cell.is_dir())):
+                why = folder_problem(cell) or f"its {CONFIG} is missing; re-issue the sweep to run it again"
+                bare.append(_bare_row(name, cell, plans.get(name), CellState.PENDING.value, f"missing: {why}"))
             continue
-        snapshots.append(_snapshot(cell / CONFIG))
+        try:
+            snapshot = _snapshot(cell / CONFIG)
+        except ResultsError as e:
+            bare.append(_bare_row(name, cell, plans.get(name), CellState.DAMAGED.value, f"DAMAGED: {e}"))
+            continue
+        snapshots.append(snapshot)
         row = {"cell_id": name, **_cell_row(cell, now)}
         plan = plans.get(name)
         row["overrides"] = " ".join(plan.get("overrides", [])) if plan else ""
         rows.append(row)
-    if not rows:
+    if not rows and not bare:
         return pd.DataFrame(columns=["cell_id", "state", "role", "config_id", "baseline_id", "dir"])
     fulls = [identity.complete(s) for s in snapshots]
     ids = [identity.ids(f) for f in fulls]
     for row, full, cell_ids in zip(rows, fulls, ids):
         _add_identity(row, full, cell_ids, plans.get(row["cell_id"]))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows + bare)
     # Pair by the config's id; folders are normally named by it (the launcher does).
-    by_id = {cid: state for (cid, _, _), state in zip(ids, df["state"])}
+    by_id = {cid: row["state"] for (cid, _, _), row in zip(ids, rows)}
+    for row in bare:
+        by_id.setdefault(row["cell_id"], row["state"])
     df["baseline_state"] = [by_id.get(b, "MISSING") if isinstance(b, str) else None
                             for b in df["baseline_id"]]
-    df["_key"] = [i[0] for i in ids]
+    df["_key"] = [i[0] for i in ids] + [row["cell_id"] for row in bare]
     return df
 
 

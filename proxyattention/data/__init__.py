@@ -9,6 +9,8 @@ One concept per module:
 - :mod:`~proxyattention.data.bank` — :class:`ImageBank`, uint8 images by dataset index on the device;
 - :mod:`~proxyattention.data.transforms` — normalisation and the training augmentation;
 - :mod:`~proxyattention.data.manifest` — the dataset manifest (counts, fingerprint, unreadable files);
+- :mod:`~proxyattention.data.facts` — what a dataset read from a root is (its fingerprint), for the planner;
+- :mod:`~proxyattention.data.listing` — those facts cached by folder and modification time;
 - :mod:`~proxyattention.data.cli` — ``python -m proxyattention.data prepare|verify``.
 
 The names below are importable from the package itself; each submodule is imported when first used, so

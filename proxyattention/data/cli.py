@@ -1,10 +1,18 @@
-"""``python -m proxyattention.data prepare|verify``: get a dataset, check it, record its manifest.
+"""``python -m proxyattention.data prepare|verify|weights``: get a dataset, check it, record its manifest;
+put pretrained model weights into the cache.
 
 - ``prepare NAME [ROOT]`` downloads a torchvision-backed dataset (when online) or finds and unpacks the
   archive already in ROOT; for folder datasets it says where to get them and how the folder must look.
   Then it runs ``verify``.
 - ``verify DATASET_OR_PATH`` prints classes, images per class and per split, unreadable files by path,
   non-image files, folders without images and non-RGB images, and writes the dataset's **manifest**.
+
+- ``weights [MODEL ...] [OVERRIDE ...] [--from-file MODEL=FILE]`` puts the pretrained weights of the
+  named models, or of every ``model.pretrained=true`` model a sweep plans (the launcher's overrides,
+  ``+sweep=thesis_thresholds``; expanded by ``python -m launcher.models``), into the cache trials read
+  (:mod:`proxyattention.weights`): downloads them where there is internet (a cluster's login node), or
+  copies a weights file into the cache (``--from-file``), then checks each loads. Cells on nodes without
+  internet then start from that cache.
 
 The manifest is a small JSON file under ``dataset.cache_dir/manifests`` — never inside the dataset
 folder — with the counts and the content fingerprint. :func:`~proxyattention.data.manifest.apply_manifest`, called by
@@ -33,6 +41,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from proxyattention.config import DatasetConfig
+from proxyattention.data import listing
 from proxyattention.data.manifest import (
     MANIFEST_VERSION,
     MAX_LISTED,
@@ -40,7 +49,7 @@ from proxyattention.data.manifest import (
     summarize,
     write_manifest,
 )
-from proxyattention.data.registry import source
+from proxyattention.data.registry import MIN_CLASSES, source
 from proxyattention.data.samples import DataError, scan_folder
 from proxyattention.data.split import make_split
 from proxyattention.paths import conf_dir
@@ -157,12 +166,18 @@ def verify(cfg: Any, seed: int = 0, decode: bool = False, workers: Optional[int]
     """Check the dataset of ``cfg``, print what was found, write its manifest; return the report."""
     out = out or sys.stdout
     p = lambda *a: print(*a, file=out)  # noqa: E731
+    on_disk = source(cfg.source).needs_root and cfg.root and os.path.isdir(os.path.expanduser(str(cfg.root)))
+    stamped = listing.stamp_now(cfg) if on_disk else None  # taken first: a change while loading shows
     samples = source(cfg.source).load(cfg)
+    if stamped is not None:  # planning reads these facts instead of walking the folder again
+        listing.remember(cfg, source(cfg.source).loader, samples, *stamped)
     summary = summarize(samples)
     root = os.path.abspath(os.path.expanduser(str(cfg.root))) if cfg.root else None
     p(f"dataset {cfg.name} (source {cfg.source}{', root ' + root if root else ''})")
     p(f"  {len(samples.classes)} classes, {len(samples)} images; official test split: "
       + (f"{summary['official_test']} images" if samples.official_test is not None else "no"))
+    if len(samples.classes) < MIN_CLASSES:
+        p(f"  too few classes to train on: sweeps and trials refuse a dataset with fewer than {MIN_CLASSES}")
 
     train, val, test = make_split(samples.labels, seed, cfg.val_fraction, cfg.test_fraction,
                                   samples.official_test, cfg.val_max)
@@ -263,11 +278,87 @@ def prepare(name: str, root: Optional[str] = None, download: bool = True, cache_
     return 0
 
 
+# ------------------------------------------------------------------------------------------ weights
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg or arg.startswith(("+", "~"))
+
+
+def sweep_models(overrides: Sequence[str]) -> list[dict]:
+    """``[{"name", "pretrained"}]`` of the sweep ``python -m launcher OVERRIDES`` would plan (the
+    launcher expands it: ``python -m launcher.models``). Raises DataError with its message."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "launcher.models", *overrides], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip() or f"python -m launcher.models exited {proc.returncode}"
+        raise DataError(msg.removeprefix("error: "))
+    return json.loads(proc.stdout)
+
+
+def weights_command(targets: Sequence[str], from_files: Sequence[str], check_only: bool = False,
+                    out=None) -> int:
+    """Put the pretrained weights of ``targets`` (model names and/or sweep overrides) and of each
+    ``MODEL=FILE`` of ``from_files`` into the cache; one line per model. Returns an exit code."""
+    from proxyattention import weights
+
+    out = out or sys.stdout
+    seeds: dict[str, str] = {}
+    for item in from_files:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DataError(f"--from-file {item!r}: write it as MODEL=FILE, e.g. resnet18=~/model.safetensors")
+        seeds[name] = path
+    names = [t for t in targets if not _is_override(t)]
+    overrides = [t for t in targets if _is_override(t)]
+    if overrides:
+        planned = sweep_models(overrides)
+        chosen = [m["name"] for m in planned if m["pretrained"]]
+        if not chosen and not names and not seeds:
+            print(f"no cell of this sweep sets model.pretrained=true (its models: "
+                  f"{', '.join(m['name'] for m in planned)}): no weights to fetch", file=out)
+            return 0
+        names += chosen
+    names = list(dict.fromkeys([*seeds, *names]))
+    if not names:
+        raise DataError("name the models (resnet18 efficientnet_b0), a sweep (+sweep=thesis_thresholds, "
+                        "model=resnet18 model.pretrained=true), or --from-file MODEL=FILE")
+    failed = 0
+    for name in names:
+        try:
+            if name in seeds:
+                path = weights.seed_from_file(name, seeds[name])
+                print(f"{name}: cached from {seeds[name]}: {path}", file=out)
+                continue
+            import timm
+
+            if not timm.is_model(name):
+                raise weights.WeightsError(f"{name!r} is not a timm model")
+            loc = weights.locate(name)
+            path = weights.cached_path(loc)
+            if path is not None:
+                print(f"{name}: cached: {path}", file=out)
+            elif check_only:
+                raise weights.WeightsError(f"not cached ({weights.describe(loc)}; looked in "
+                                           f"{weights.cache_dir(loc)})")
+            else:
+                path = weights.fetch(name)
+                print(f"{name}: fetched {weights.describe(loc)}: {path}", file=out)
+        except weights.WeightsError as e:
+            failed += 1
+            print(f"{name}: error: {e}", file=out)
+    if failed:
+        print(f"{failed} of {len(names)} models have no cached weights; cells with model.pretrained=true "
+              "on them cannot start offline", file=out)
+    return 1 if failed else 0
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxyattention.data",
-                                     description="Prepare and verify datasets.")
+                                     description="Prepare and verify datasets; cache pretrained weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", help="where manifests go (default: dataset.cache_dir)")
@@ -283,7 +374,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pv.add_argument("target", metavar="DATASET_OR_PATH")
     pv.add_argument("--root", help="dataset.root for a named dataset")
     pv.add_argument("--strict", action="store_true", help="exit 1 when unreadable files are found")
+    pw = sub.add_parser(
+        "weights", help="put pretrained model weights into the cache trials read (fetch, or from a file)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Put the pretrained weights of models into the cache that trials with model.pretrained=true\n"
+            "read (the Hugging Face hub cache, $HF_HOME/hub; torch's $TORCH_HOME/hub/checkpoints for url\n"
+            "weights), so that cells on machines without internet (a cluster's compute nodes; Slurm cells\n"
+            "run with HF_HUB_OFFLINE=1) start from them. A cell loads cached weights without asking the hub.\n"
+            "\n"
+            "Name the models, or give a sweep's overrides exactly as to `python -m launcher` (every model\n"
+            "of the sweep with model.pretrained=true). Run it where there is internet (a login node), with\n"
+            "the HF_HOME the cells will see. --from-file copies a weights file (safetensors, or a torch state\n"
+            "dict) into the cache instead: no network needed. Each new file is checked to load into its model."),
+        epilog=("examples:\n"
+                "  %(prog)s +sweep=thesis_thresholds\n"
+                "  %(prog)s resnet18 efficientnet_b0\n"
+                "  %(prog)s --from-file resnet18=~/resnet18.safetensors\n"
+                "  %(prog)s --check +sweep=thesis_weights dataset=cifar100"))
+    pw.add_argument("targets", nargs="*", metavar="MODEL_OR_OVERRIDE",
+                    help="timm model names (resnet18) and/or sweep overrides (+sweep=NAME, model=a,b ...)")
+    pw.add_argument("--from-file", action="append", default=[], metavar="MODEL=FILE",
+                    help="cache FILE as the pretrained weights of MODEL (repeatable); no network needed")
+    pw.add_argument("--check", action="store_true",
+                    help="only say which weights are cached; download nothing (exit 1 if any is missing)")
     args = parser.parse_args(argv)
+    if args.command == "weights":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return weights_command(args.targets, args.from_file, check_only=args.check)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     kw = dict(seed=args.seed, decode=args.decode, workers=args.workers, per_class=not args.no_per_class)

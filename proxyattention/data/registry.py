@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from proxyattention.data.samples import DataError, Samples
 
+MIN_CLASSES = 2  # fewer: nothing to tell apart (check_classes)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -57,6 +59,14 @@ def source(name: str) -> Source:
                         f"{', '.join(SOURCES)}") from None
 
 
+def check_classes(classes: list[str], cfg: Any) -> None:
+    """A classifier needs two classes: one class trains to accuracy 1.0 and measures nothing."""
+    if len(classes) < MIN_CLASSES:
+        where = f"dataset.root={cfg.root!r}" if getattr(cfg, "root", None) else f"dataset {cfg.name}"
+        raise DataError(f"{where} has {len(classes)} class with images ({', '.join(classes) or 'none'}); "
+                        f"a classifier needs at least {MIN_CLASSES} class folders with images")
+
+
 def load_samples(cfg: Any, check_manifest: bool = True) -> Samples:
     """The dataset of ``cfg`` (a DatasetConfig), checked against its manifest.
 
@@ -64,9 +74,25 @@ def load_samples(cfg: Any, check_manifest: bool = True) -> Samples:
     counts and the content fingerprint: a dataset that changed since is reported with a warning naming
     what changed. Files that ``verify`` found unreadable are left out, with a warning (see
     :mod:`proxyattention.data.manifest`).
+
+    A sweep cell's config holds the fingerprint of the data it was planned for (``dataset.fingerprint``,
+    part of its id): other data under that root is an error, never a result filed under that id. A
+    dataset with fewer than two classes is an error (it would train to accuracy 1.0 and measure nothing).
     """
+    from proxyattention.data.listing import forget
+
     src = source(cfg.source)
     samples = src.load(cfg)
+    planned = getattr(cfg, "fingerprint", None)
+    if planned and planned != samples.fingerprint:
+        if src.needs_root:
+            forget(cfg)  # the cached listing no longer describes the folder: planning reads it again
+        raise DataError(f"dataset.fingerprint={planned} but the data of {cfg.name}"
+                        + (f" under dataset.root={cfg.root}" if cfg.root else "")
+                        + f" now has fingerprint {samples.fingerprint}: it changed since this cell was "
+                        "planned, and the cell's id names the data it was planned for. Re-issue the sweep: "
+                        "it plans cells for the data as it is now")
+    check_classes(samples.classes, cfg)
     if check_manifest and src.needs_root:
         from proxyattention.data.manifest import apply_manifest
 

@@ -103,7 +103,8 @@ def load_imagefolder(cfg: Any) -> Samples:
         log.warning("%d folders under %s hold no images and give no class (first: %s)", len(empty_all),
                     root, empty_all[0])
     if not paths:
-        raise DataError(f"no images found under dataset.root={root!r}; expected class sub-folders "
+        others = f" (only {len(skipped_all)} other files, first: {skipped_all[0]})" if skipped_all else ""
+        raise DataError(f"no images found under dataset.root={root!r}{others}; expected class sub-folders "
                         f"with {', '.join(IMAGE_EXTENSIONS[:4])}… files")
     names = [str(label_fn(p)) for p in paths]
     classes = sorted(set(names))
