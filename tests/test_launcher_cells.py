@@ -122,15 +122,19 @@ def _image_folder(root: Path) -> None:
 
 def test_failed_cell_then_fixed_and_rerun_failed_only(tmp_path):
     root = tmp_path / "images"
+    _image_folder(root)
+    bad = root / "class1" / "7.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png" + b"\0" * (len(good) - 9))  # same size: the data's fingerprint is unchanged
     args = ("dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=32", "proxy=none",
             "proxy.schedule=1")
     proc = launcher(tmp_path, *args)
     assert proc.returncode == 1
     (c,) = cells(tmp_path / "sweep").values()
-    assert c["state"] == "FAILED" and str(root) in c["error"]
+    assert c["state"] == "FAILED" and str(bad) in c["error"]
     assert "FAILED" in proc.stdout
 
-    _image_folder(root)
+    bad.write_bytes(good)
     fixed = launcher(tmp_path, *args, "hydra.launcher.rerun=failed")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     (c,) = cells(tmp_path / "sweep").values()

@@ -197,14 +197,20 @@ def test_the_same_sweep_planned_under_two_homes_has_the_same_ids(tmp_path):
     import os
     import re
 
+    from PIL import Image
+
     listed = []
     for home in ("home-a", "home-b"):
-        (tmp_path / home).mkdir()
+        for k in range(2):  # the same two-class images under each home's default dataset root
+            folder = tmp_path / home / "data" / "stanford_dogs" / f"breed{k}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * k + i, 0, 0)).save(folder / f"{i}.png")
         env = {**os.environ, "HOME": str(tmp_path / home)}
         env.pop("PROXYATTENTION_DATA", None)
         env.pop("PROXYATTENTION_CACHE", None)
         proc = subprocess.run(
-            [sys.executable, "-m", "launcher", "-m", "dataset=cifar100", "model=test_resnet",
+            [sys.executable, "-m", "launcher", "-m", "dataset=stanford_dogs", "dataset.num_classes=2", "model=test_resnet",
              "proxy.threshold=0.1,0.4", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={tmp_path / home / 'sweep'}"],
             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr

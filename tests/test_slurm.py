@@ -570,12 +570,17 @@ def test_sweep_2x2_completes_in_chunked_arrays(cluster, sweep):
 
 @pytest.mark.slurm
 def test_raising_cell_is_failed_with_its_traceback(cluster, sweep, tmp_path):
-    launch(sweep, "dataset=imagefolder", f"dataset.root={tmp_path / 'missing'}", "proxy.schedule=1")
+    root = tmp_path / "images"
+    for k in range(2):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(3):
+            (root / f"class{k}" / f"{i}.png").write_bytes(b"missing pixels")  # passes planning, fails to decode
+    launch(sweep, "dataset=imagefolder", f"dataset.root={root}", "proxy.schedule=1")
     cells = wait_for(lambda: all_in(sweep, "FAILED", "DONE", "CANCELLED", "TIMEOUT"), 120, "the cell to end")
     (c,) = cells.values()
     assert c["state"] == "FAILED"
     assert "Traceback" in c["error"] or 'File "' in c["error"], c["error"]
-    assert "DataError" in c["error"] and "missing" in c["error"]
+    assert "DataError" in c["error"] and "cannot read image" in c["error"]
     assert "FAILED" in status(sweep, as_json=False) and "DataError" in status(sweep, as_json=False)
     assert sacct_state(record(sweep, c["id"])["job_id"]) == "FAILED"  # never COMPLETED
 

@@ -279,7 +279,7 @@ class ImageBank:
         if self.images is not None:
             return resize_batch(self.images[idx_d], self.size)  # "device": already at size
         rows = self.host[idx_cpu if idx_cpu is not None else idx_d.cpu()]
-        return resize_batch(to_device(rows, self.device).permute(0, 3, 1, 2), self.size)
+        return resize_batch(to_device(rows, self.device).permute(0, 3, 1, 2), self.size).contiguous()
 
     def get(self, indices: Tensor) -> Tensor:
         """Un-augmented uint8 images (len, 3, S, S) on the device for ``indices`` (long, any device; may
