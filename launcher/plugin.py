@@ -238,7 +238,10 @@ class SweepLauncher(Launcher):
             finally:
                 gc.enable()
                 bar.close()
-            planning.check_models(plan)
+            # Slurm cells run with the hub offline (launcher.slurm.cells_hub_offline): their weights
+            # must be in the cache when the sweep is submitted, whatever the login node can reach.
+            offline = backend.cells_hub_offline() if hasattr(backend, "cells_hub_offline") else None
+            planning.check_models(plan, hub_offline=offline)
             if not dry_run:  # a dry run writes nothing
                 store_opt = launcher_cfg.get("store")
                 store = Path(store_opt).absolute() if store_opt else None

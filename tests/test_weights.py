@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,18 @@ def test_online_weights_not_yet_cached_pass_the_plan(caches, tmp_path):
     proc = run("launcher", "-m", f"model={MODEL}", "model.pretrained=true", "hydra.launcher.dry_run=true",
                f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "0"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="the Slurm backend refuses first without sbatch on PATH")
+def test_a_slurm_sweep_needs_cached_weights_even_from_an_online_login_node(caches, tmp_path, monkeypatch):
+    """Slurm cells run with the hub offline, so an online login node does not make uncached weights pass."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    sweep = tmp_path / "sweep"
+    proc = run("launcher", "-m", f"model={MODEL}", "model.pretrained=true", "hydra/launcher=slurm",
+               "hydra.launcher.dry_run=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and MODEL in proc.stderr and "weights" in proc.stderr, proc.stderr
+    assert not sweep.exists()
 
 
 # --- Slurm cells run offline ---------------------------------------------------------------------------
