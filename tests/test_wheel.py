@@ -26,7 +26,7 @@ PACKAGES = ("proxyattention", "launcher", "hydra_plugins")
 DATA = {"conf": "proxyattention/_conf", "sweeps": "proxyattention/_sweeps"}  # repository → wheel
 # Each console command and a line of its --help (the Hydra apps list the config groups they found).
 SCRIPTS = {"pa-sweep": "dataset: asl_alphabet, caltech101", "pa-train": "dataset: asl_alphabet, caltech101",
-           "pa-status": "sweep_dir", "pa-report": "SWEEP_DIR", "pa-data": "{prepare,verify}"}
+           "pa-status": "sweep_dir", "pa-report": "SWEEP_DIR", "pa-data": "{prepare,verify,weights}"}
 
 
 # -------------------------------------------------------------- your own configs (editable install)
@@ -38,8 +38,12 @@ def own_configs(tmp_path: Path) -> Path:
     (root / "dataset").mkdir(parents=True)
     (root / "sweep").mkdir()
     images = tmp_path / "my_images"
-    for cls in ("cats", "dogs"):
+    from PIL import Image
+
+    for k, cls in enumerate(("cats", "dogs")):
         (images / cls).mkdir(parents=True)
+        for i in range(2):  # planning checks that each class has images
+            Image.new("RGB", (8, 8), (100 * k + i, 0, 0)).save(images / cls / f"{i}.png")
     (root / "dataset" / "mine.yaml").write_text(
         f"defaults:\n  - imagefolder\n  - _self_\nname: mine\nroot: {images}\nimage_size: 48\n")
     (root / "sweep" / "mine.yaml").write_text(
