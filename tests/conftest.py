@@ -43,4 +43,16 @@ def _own_cell_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PROXYATTENTION_STORE", str(tmp_path_factory.mktemp("store")))
 
 
+@pytest.fixture(scope="module")
+def composer_fn():
+    """Compose the project's config from override lists, as the launcher does (one Hydra context per module)."""
+    from hydra import compose, initialize_config_dir
+
+    from proxyattention.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield lambda overrides: compose("config", overrides=overrides)
+
+
 from fakecell import fake  # noqa: E402,F401  (the stand-in cell's launcher fixture, for every test file)

@@ -25,12 +25,6 @@ from proxyattention.data.samples import DataError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def composer_fn():
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        yield lambda overrides: compose("config", overrides=overrides)
-
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):

@@ -29,12 +29,6 @@ from proxyattention.schedule import quote_schedule_overrides
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def composer_fn():
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        yield lambda overrides: compose("config", overrides=overrides)
-
 
 def grid(**axes: list) -> list[list[str]]:
     jobs = [[]]
