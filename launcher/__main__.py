@@ -7,7 +7,9 @@ are not DONE. It is always a sweep: ``-m`` is implied (``--run`` is refused). Hy
 (``hydra/launcher=local``, ``slurm``, ``slurm_v100``, or one of yours targeting them) run cells.
 
 Options (all ``hydra.launcher.*`` overrides, see conf/hydra/launcher/local.yaml):
-``workers=N``, ``timeout_min=M``, ``rerun=not_done|failed|all``, ``dry_run=true``, ``gpus=0,1``.
+``workers=N``, ``timeout_min=M``, ``rerun=not_done|failed|damaged|all``, ``dry_run=true``, ``gpus=0,1``
+(``failed``: FAILED/TIMEOUT/CANCELLED/DAMAGED cells; ``damaged``: only DAMAGED ones, whose files move to
+``damaged-<stamp>/`` first).
 ``hydra.sweep.dir=DIR`` chooses the sweep folder (default: ``outputs/sweeps/<overrides>-<hash>``).
 Saved sweeps: ``python -m launcher +sweep=smoke`` (files in ``sweeps/sweep/``).
 

@@ -151,8 +151,7 @@ class LocalRunner:
         self.gpus = detect_gpus(options.gpus)
         self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
         self.statuses: dict[str, CellStatus] = {}
-        self._root = str(cellstate.cells_root(self.sweep_dir))
-        self._store = str(Path(options.store).absolute()) if options.store else None
+        self._store = manifest.store_dir(options.store)
         self._touched: set[str] = set()  # cells this launch ran or waited on: re-read at the end
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = threading.Event()
@@ -162,19 +161,9 @@ class LocalRunner:
     def dir(self, cid: str) -> Path:
         return cellstate.cell_dir(self.sweep_dir, cid)
 
-    def _entry(self, cid: str) -> str:
-        """Where a cell's files are read: the sweep folder's cell, or, when the sweep has not linked it
-        (a dry run into a new sweep folder writes nothing), the store's entry of the same id."""
-        d = os.path.join(self._root, cid)
-        if self._store is not None and not os.path.lexists(d):
-            stored = os.path.join(self._store, cid)
-            if os.path.lexists(stored):
-                return stored
-        return d
-
     def _status(self, cid: str) -> CellStatus:
-        d = self._entry(cid)
-        status = cellstate.effective_status(cellstate.read_status(d), self.opts.stale_after_s, cell=d)
+        status = manifest.entry_status(manifest.cell_entry(self.sweep_dir, cid, self._store),
+                                       self.opts.stale_after_s)
         if (self._stopped.is_set() and status.state == CellState.RUNNING and status.host == cellstate.HOST
                 and status.owner_pid == self.owner.pid):  # stopped by this launch, its end not recorded
             status = dataclasses.replace(status, state=CellState.CANCELLED, interrupted=True, error=(
@@ -188,16 +177,9 @@ class LocalRunner:
             status = cellstate.read_status(cell)
             if status.state == CellState.RUNNING:
                 stop_orphan(status, cell)
-            if status.state == CellState.DAMAGED:  # redone from scratch, its files kept aside
-                moved = manifest.set_aside_damaged(cell)
-                if moved is not None:
-                    self.console.say(f"          {cid}  damaged files moved to {moved}")
-                status = CellStatus(attempts=status.attempts)
-            elif self.rerun is Rerun.ALL:
-                moved = manifest.move_aside(cell)
-                if moved is not None:
-                    self.console.say(f"          {cid}  earlier results moved to {moved}")
-                status = CellStatus(attempts=status.attempts)
+            fresh = manifest.prepare_rerun(cell, status, self.rerun, say=self.console.say)
+            if fresh is not None:  # DAMAGED (its files set aside) or rerun=all (earlier results moved)
+                status = fresh
             elif cellstate.read_result(cell) is not None:
                 # Its process finished after its launcher died: the result is complete, adopt it.
                 status = manifest.adopted(cell, status)
@@ -275,7 +257,7 @@ class LocalRunner:
         from launcher.slurm_state import in_slurm
 
         owned = in_slurm(self.sweep_dir, {cid: self.statuses[cid] for cid in selected
-                                          if self.statuses[cid].backend == "slurm"})
+                                          if self.statuses[cid].backend == "slurm"}, self._store)
         for n, (cid, status) in enumerate(owned.items()):
             self.statuses[cid] = status
             if n < SLURM_LINES:
@@ -285,15 +267,6 @@ class LocalRunner:
             self.console.say(f"… and {len(owned) - SLURM_LINES} more cells queued or running in Slurm; skipped "
                              f"(python -m launcher.status {self.sweep_dir})")
         return [cid for cid in selected if cid not in owned], len(owned)
-
-    def _say_damaged(self, ids: list[str]) -> None:
-        """One line per DAMAGED cell (up to SLURM_LINES, then a count): which cell, and why."""
-        damaged = [cid for cid in ids if self.statuses[cid].state == CellState.DAMAGED]
-        for cid in damaged[:SLURM_LINES]:
-            self.console.cell(cid, CellState.DAMAGED, error_headline(self.statuses[cid].error))
-        if len(damaged) > SLURM_LINES:
-            self.console.say(f"… and {len(damaged) - SLURM_LINES} more DAMAGED cells "
-                             f"(python -m launcher.status {self.sweep_dir})")
 
     def _check_writable(self, selected: list[str]) -> None:
         """Raise the ``OSError`` of a folder the selected cells live in that takes no write (a full or
@@ -307,7 +280,7 @@ class LocalRunner:
         ids = [r.id for r in self.records]
         for cid in ids:
             self.statuses[cid] = self._status(cid)
-        self._say_damaged(ids)
+        manifest.say_damaged(self.console, ids, self.statuses, self.sweep_dir, SLURM_LINES)
         selected = [cid for cid in ids if self.rerun.wants(self.statuses[cid].state)]
         selected, in_slurm = self._leave_to_slurm(selected)
         if self.opts.dry_run:
@@ -467,6 +440,10 @@ class LocalRunner:
 
     def _dry_run(self, selected: list[str]) -> int:
         self.console.say(dry_run_listing(self.console, self.records, self.statuses, selected, self.opts.list_rows))
+        from launcher.estimate import dry_run_estimate, local_gpu
+
+        self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store, gpu=local_gpu(self.gpus),
+                                          timeout_min=self.opts.timeout_min))
         self.console.say(f"\ndry run: {len(selected)} of {len(self.records)} cells would run "
                          f"(hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0

@@ -57,17 +57,21 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 from proxyattention.cellstate import (
+    CELLS,
     DEFAULT_STALE_AFTER_S,
     HOST,
     CellState,
     Owner,
     cells_root,
+    effective_status,
+    error_headline,
     is_cell_id,
     owner_gone,
     read_result,
+    read_status,
     result_size,
 )
 from proxyattention.fileio import (
@@ -298,15 +302,15 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
     return CellState.FAILED, (f"exit code {returncode}\n" + tail(cell / STDERR)).strip(), {}
 
 
-def move_aside(cell: Path, damaged: bool = False) -> Optional[Path]:
+def move_aside(cell: Path, damaged: bool = False, keep: Iterable[str] = ()) -> Optional[Path]:
     """Move a cell's results, checkpoint, logs and status into ``previous/<stamp>/`` (a forced rerun),
     or with ``damaged`` into ``damaged-<stamp>/`` (a DAMAGED cell about to be redone from scratch).
 
-    Keeps ``config.yaml``, the claim and the folders of earlier moves. Returns the folder they went to,
-    or None if nothing moved. Call only while holding the claim.
+    Keeps ``config.yaml``, the claim, the folders of earlier moves and the files named in ``keep``.
+    Returns the folder they went to, or None if nothing moved. Call only while holding the claim.
     """
     cell = Path(cell)
-    keep = {CONFIG, PREVIOUS}
+    keep = {CONFIG, PREVIOUS, *keep}
     movable = [p for p in cell.iterdir()
                if p.name not in keep and not p.name.startswith((CLAIM_PREFIX, ".", DAMAGED_PREFIX))]
     if not movable:
@@ -353,10 +357,11 @@ def set_aside_entry(path: str | Path) -> str:
     return dest
 
 
-def set_aside_damaged(cell: Path) -> Optional[Path]:
-    """Move every file of a DAMAGED cell but its ``config.yaml`` into ``damaged-<stamp>/`` (kept, never
-    deleted) so that it is redone from scratch; returns that folder. Call only while holding the claim."""
-    return move_aside(cell, damaged=True)
+def set_aside_damaged(cell: Path, keep: Iterable[str] = ()) -> Optional[Path]:
+    """Move every file of a DAMAGED cell but its ``config.yaml`` (and the files named in ``keep``) into
+    ``damaged-<stamp>/`` (kept, never deleted) so that it is redone from scratch; returns that folder.
+    Call only while holding the claim."""
+    return move_aside(cell, damaged=True, keep=keep)
 
 
 def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
@@ -374,6 +379,67 @@ def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
     duration = total if isinstance(total, (int, float)) and not isinstance(total, bool) else (
         None if status.started is None else round(ended - status.started, 3))
     return dataclasses.replace(new, attempts=max(1, status.attempts), ended=ended, duration_s=duration)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a sweep's cells: what every backend (and its dry run) decides from
+
+
+def store_dir(store: Optional[str | Path]) -> Optional[str]:
+    """The absolute path of a backend's ``hydra.launcher.store`` option (None: no store)."""
+    return str(Path(store).absolute()) if store else None
+
+
+def cell_entry(sweep_dir: Path | str, cid: str, store: Optional[str] = None) -> str:
+    """Where a cell's files are read: the sweep folder's cell, or, when the sweep has not linked it (a
+    dry run into a new sweep folder writes nothing), the entry of the same id in ``store``
+    (:func:`store_dir`)."""
+    d = os.path.join(sweep_dir, CELLS, cid)
+    if store is not None and not os.path.lexists(d):
+        stored = os.path.join(store, cid)
+        if os.path.lexists(stored):
+            return stored
+    return d
+
+
+def entry_status(entry: str, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> "CellStatus":
+    """The status a launch decides from, of the cell read at ``entry`` (:func:`cell_entry`): DAMAGED
+    when the entry cannot be trusted, CANCELLED when its owner is gone (RUNNING while its orphaned
+    process still runs here)."""
+    return effective_status(read_status(entry), stale_after_s, cell=entry)
+
+
+def prepare_rerun(cell: Path, status: "CellStatus", rerun: Rerun,
+                  say: Optional[Callable[[str], None]] = None) -> Optional["CellStatus"]:
+    """Before a cell whose ``status`` (read under its claim) is run again: a DAMAGED cell's files are
+    set aside (:func:`set_aside_damaged`), and with ``rerun=all`` earlier results are moved to
+    ``previous/<stamp>/`` (:func:`move_aside`). Returns the status the new attempt starts from (the
+    attempts so far, nothing else), or None when nothing was moved. ``say`` gets one line per move.
+    Call only while holding the claim."""
+    from proxyattention.cellstate import CellStatus
+
+    cid = Path(cell).name
+    if status.state == CellState.DAMAGED:  # redone from scratch, its files kept aside
+        moved = set_aside_damaged(cell)
+        line = f"          {cid}  damaged files moved to {moved}"
+    elif rerun is Rerun.ALL:
+        moved = move_aside(cell)
+        line = f"          {cid}  earlier results moved to {moved}"
+    else:
+        return None
+    if moved is not None and say is not None:
+        say(line)
+    return CellStatus(attempts=status.attempts)
+
+
+def say_damaged(console: Any, ids: Sequence[str], statuses: dict[str, "CellStatus"], sweep_dir: Path,
+                limit: int = 20) -> None:
+    """One line per DAMAGED cell (up to ``limit``, then a count): which cell, and why."""
+    damaged = [cid for cid in ids if statuses[cid].state == CellState.DAMAGED]
+    for cid in damaged[:limit]:
+        console.cell(cid, CellState.DAMAGED, error_headline(statuses[cid].error))
+    if len(damaged) > limit:
+        console.say(f"… and {len(damaged) - limit} more DAMAGED cells (python -m launcher.status {sweep_dir})")
 
 
 # ---------------------------------------------------------------------------------------------------

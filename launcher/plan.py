@@ -327,8 +327,10 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
     if errors:
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
         raise PlanError("\n".join(errors) + more + "\nNo cell was started; fix the override and run again.")
-    return Plan(sweep_dir=Path(sweep_dir), plan_id=identity.plan_id(job_overrides),
-                cells=[cells[c] for c in order], job_cells=job_cells, datasets=data.datasets)
+    from launcher.estimate import remember_plan  # a dry run writes no config: it estimates from these
+
+    return remember_plan(Plan(sweep_dir=Path(sweep_dir), plan_id=identity.plan_id(job_overrides),
+                              cells=[cells[c] for c in order], job_cells=job_cells, datasets=data.datasets))
 
 
 class DataChecks:

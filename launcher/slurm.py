@@ -4,10 +4,16 @@
 :func:`run` here:
 
 1. reads every cell's state (its ``status.json`` refreshed from ``squeue``/``sacct``,
-   :mod:`launcher.slurm_state`) and selects the cells ``hydra.launcher.rerun`` asks for;
+   :mod:`launcher.slurm_state`), names each DAMAGED cell with the reason, and selects the cells
+   ``hydra.launcher.rerun`` asks for; a dry run reads the cells as the local backend does
+   (:func:`launcher.manifest.cell_entry`: a new sweep folder's cells from the store), so a cell DONE in
+   the store is never listed as one to submit;
 2. claims each selected cell (the manifest's exclusive claim files: of two launchers issued at once,
    one gets each cell) and, under the claim, skips a cell that is DONE or whose latest job is still
-   queued or running — never a second copy of a live job;
+   queued or running — never a second copy of a live job; still under the claim, before ``sbatch``, a
+   DAMAGED cell's files are moved into ``damaged-<stamp>/`` (and with ``rerun=all`` earlier results into
+   ``previous/<stamp>/``), as the local backend does (:func:`launcher.manifest.prepare_rerun`), so no
+   job reads or writes over an entry that cannot be trusted;
 3. submits the rest as job arrays laid out in *lanes* (below), each array below the cluster's
    ``MaxArraySize``; each task runs :class:`launcher.slurm_job.CellJob` on its node;
 4. right after each array's ``sbatch``, writes its cells' ``slurm.json`` (job id, log files) and a
@@ -70,6 +76,7 @@ __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refr
 
 SUBMITIT_DIR = "slurm"  # SWEEP_DIR/slurm: submitit's sbatch scripts, pickles and per-job logs
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default when `scontrol show config` cannot be read
+DAMAGED_LINES = 20  # DAMAGED cells named one line each up to this many, then a count
 
 
 @dataclass
@@ -79,7 +86,7 @@ class SlurmOptions:
     Resources are per cell: each array task is one cell on one node.
     """
 
-    rerun: str = "not_done"  # not_done | failed (FAILED/TIMEOUT/CANCELLED only) | all (force)
+    rerun: str = "not_done"  # not_done | failed (FAILED/TIMEOUT/CANCELLED/DAMAGED) | damaged | all (force)
     dry_run: bool = False  # list the cells, which would be submitted, and the sbatch script
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -105,7 +112,7 @@ class SlurmOptions:
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     claim_wait_s: float = 300.0  # how long a starting job waits for the cell's claim
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
-    store: Optional[str] = None  # read by the planner (launcher.plugin): the cell store
+    store: Optional[str] = None  # the cell store (the planner links cells from it; a dry run reads it)
     list_rows: int = 60  # rows of a dry run's listing (0: every cell)
     objective: str = "val/acc_best"  # what a job returns to an adaptive sweeper (launcher.objective)
     objective_vs_baseline: bool = False
@@ -329,19 +336,23 @@ class SlurmSubmitter:
         self.console = console or Console(records)
         self.owner = Owner.this_process(backend="slurm")
         self.folder = self.sweep_dir / SUBMITIT_DIR
+        self._store = manifest.store_dir(opts.store)
         self.arrays: list[tuple[str, ArrayPlan]] = []  # (job id, plan) of every array submitted
 
     def dir(self, cid: str) -> Path:
         return cellstate.cell_dir(self.sweep_dir, cid)
 
     def statuses(self, ids: list[str]) -> dict[str, CellStatus]:
-        raw = {cid: cellstate.effective_status(cellstate.read_status(self.dir(cid)), self.opts.stale_after_s)
-               for cid in ids}
-        return refresh_status(self.sweep_dir, raw)
+        """Each cell's status as the local backend reads it (the sweep folder's cell, or the store's entry
+        a new sweep folder does not link yet), refined by what Slurm says of its job."""
+        raw = {cid: manifest.entry_status(manifest.cell_entry(self.sweep_dir, cid, self._store),
+                                          self.opts.stale_after_s) for cid in ids}
+        return refresh_status(self.sweep_dir, raw, self._store)
 
     def run(self) -> int:
         ids = [r.id for r in self.records]
         statuses = self.statuses(ids)
+        manifest.say_damaged(self.console, ids, statuses, self.sweep_dir, DAMAGED_LINES)
         selected = [cid for cid in ids if self.rerun.wants(statuses[cid].state)]
         if self.opts.dry_run:
             return self._dry_run(statuses, selected)
@@ -405,11 +416,11 @@ class SlurmSubmitter:
 
         ex = self._executor()
         hub_offline = cells_hub_offline()
-        if self.rerun is Rerun.ALL:
-            for cid in claims:
-                moved = manifest.move_aside(self.dir(cid))
-                if moved is not None:
-                    self.console.say(f"          {cid}  earlier results moved to {moved}")
+        starts: dict[str, CellStatus] = {}  # the status each cell's PENDING record is written over
+        for cid in claims:  # under the claims, before any job can start: as the local backend does
+            status = cellstate.read_status(self.dir(cid))
+            fresh = manifest.prepare_rerun(self.dir(cid), status, self.rerun, say=self.console.say)
+            starts[cid] = status if fresh is None else fresh
         cap = int(self.opts.array_parallelism)
         ids = list(claims)
         tails = self._open_lanes(cap)
@@ -437,7 +448,7 @@ class SlurmSubmitter:
                     "`sinfo` lists partitions.") from e
             now = time.time()
             for cid, job in zip(part, submitted):
-                self._record(cid, job, now)
+                self._record(cid, job, now, starts[cid])
                 jobs[cid] = job.job_id
                 claims.pop(cid).release()  # the job may start now: it claims the cell itself
             array_id = submitted[0].job_id.split("_", 1)[0]
@@ -454,8 +465,9 @@ class SlurmSubmitter:
         live = live_arrays(t for t in tails if t is not None)
         return [t if t in live else None for t in tails] if live else None
 
-    def _record(self, cid: str, job: Any, now: float) -> None:
-        """Write ``slurm.json`` and a PENDING ``status.json`` naming the job (we hold the claim)."""
+    def _record(self, cid: str, job: Any, now: float, status: CellStatus) -> None:
+        """Write ``slurm.json`` and a PENDING ``status.json`` naming the job, over ``status`` (the cell's
+        status read under the claim, or the fresh one of a cell whose files were set aside)."""
         cell = self.dir(cid)
         old = read_record(cell)
         previous = (old.previous_jobs + [old.job_id]) if old is not None else []
@@ -464,7 +476,6 @@ class SlurmSubmitter:
                                        stderr=str(job.paths.stderr).replace("%t", "0"),
                                        previous_jobs=previous[-20:]))
         manifest.write_hydra_metadata(cell, self._overrides.get(cid, []))
-        status = cellstate.read_status(cell)
         cellstate.write_status(cell, dataclasses.replace(
             status, state=CellState.PENDING, backend="slurm", job_id=job.job_id, host=None, owner_pid=None,
             owner_start=None, pid=None, started=None, heartbeat=now, ended=None, duration_s=None,
@@ -507,6 +518,10 @@ class SlurmSubmitter:
         if len(layout) > 1:
             self.console.say(f"{len(layout)} arrays, at most {self.opts.array_parallelism} cells at once "
                              f"over all of them:\n{describe_layout(layout)}")
+        from launcher.estimate import dry_run_estimate, slurm_gpu
+
+        self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store, timeout_min=self.opts.timeout_min,
+                                          gpu=slurm_gpu(self.opts.gres, self.opts.gpus_per_node)))
         self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
                          f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0

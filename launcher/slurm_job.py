@@ -2,7 +2,9 @@
 
 submitit pickles a :class:`CellJob` (a cell folder and two settings, nothing heavy) and calls it on the
 node. The job claims the cell (the submitter releases its own short claim right after ``sbatch``, so the
-job may wait a moment), writes ``status.json`` RUNNING with its Slurm job id, runs
+job may wait a moment), sets aside the files of a cell found DAMAGED (the submitter already did so for
+a cell DAMAGED when it was submitted: :func:`launcher.manifest.prepare_rerun`; this is for one damaged
+while its job was queued), writes ``status.json`` RUNNING with its Slurm job id, runs
 ``python -m proxyattention.cell CELL_DIR`` (:mod:`launcher.cellproc`, as a local cell) with its output appended to the cell's ``stdout.log`` /
 ``stderr.log`` (the same files a local cell writes), heartbeats, and writes the final state. While it
 runs, the job is the only writer of ``status.json``. The cell runs with the hub offline
@@ -40,6 +42,7 @@ from typing import Any, Optional
 from launcher import manifest
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
 from launcher.manifest import Claim
+from launcher.slurm_state import RECORD
 from proxyattention import cellstate
 from proxyattention.cellstate import REQUIRE_GPU_ENV, CellState, CellStatus, Owner
 
@@ -127,6 +130,15 @@ class CellJob:
             claim.release()
             print(f"cell {cell.name} is already DONE; nothing to do", flush=True)
             return {"state": CellState.DONE.value, "skipped": True}
+        if status.state == CellState.DAMAGED:  # damaged since it was submitted: never run over
+            try:
+                moved = manifest.set_aside_damaged(cell, keep=(RECORD,))  # the record of this job stays
+            except BaseException:
+                claim.release()
+                raise
+            print(f"cell {cell.name} was DAMAGED ({cellstate.error_headline(status.error)}); its files were "
+                  f"moved to {moved} and it runs from scratch", flush=True)
+            status = CellStatus(attempts=status.attempts)
         status = status.started_by(owner)
         cellstate.write_status(cell, status)
         released = False

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from launcher import manifest
-from proxyattention import cellstate, fileio
+from proxyattention import fileio
 from proxyattention.cellstate import CellState, CellStatus
 
 RECORD = "slurm.json"
@@ -213,15 +213,17 @@ def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optiona
                                interrupted=state == CellState.CANCELLED)
 
 
-def _views(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, tuple[CellStatus, Optional[str], str]]:
+def _views(sweep_dir: Path, statuses: dict[str, CellStatus],
+           store: Optional[str] = None) -> dict[str, tuple[CellStatus, Optional[str], str]]:
     """``{cell_id: (status as Slurm sees it, Slurm's state of the cell's latest job, that job's id)}`` for
     the cells whose status names a Slurm job and is not DONE.
 
     Slurm is asked about the job each status names (the submitter records a job before it writes the
     status naming it); a cell's ``slurm.json`` is read only when that job is not queued or running —
-    for its log files, its submission time, or a later job it names (then asked about too).
+    for its log files, its submission time, or a later job it names (then asked about too). It is read
+    where the cell's status was (:func:`launcher.manifest.cell_entry`: the store's entry of a cell the
+    sweep folder does not link yet, given ``store``).
     """
-    root = str(cellstate.cells_root(sweep_dir))
     mine = {cid: s for cid, s in statuses.items() if s.backend == "slurm" and s.state != CellState.DONE}
     asked = {s.job_id for s in mine.values() if s.job_id}
     states = job_states(asked)
@@ -232,7 +234,7 @@ def _views(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, tuple[
         if s.job_id and state in LIVE:
             views[cid] = (_live(s, s.job_id, state), state, s.job_id)
             continue
-        rec = read_record(os.path.join(root, cid))
+        rec = read_record(manifest.cell_entry(sweep_dir, cid, store))
         if rec is not None:
             records[cid] = rec
     later = {r.job_id for r in records.values()} - asked
@@ -245,17 +247,20 @@ def _views(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, tuple[
     return views
 
 
-def refresh_status(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, CellStatus]:
+def refresh_status(sweep_dir: Path, statuses: dict[str, CellStatus],
+                   store: Optional[str] = None) -> dict[str, CellStatus]:
     """``{cell_id: status}`` as Slurm sees it, for cells whose status says ``backend: slurm``.
 
     The hook :mod:`launcher.status` calls; one ``squeue`` and at most one ``sacct`` for all cells.
+    ``store``: where cells the sweep folder does not link are read (a dry run into a new sweep folder).
     """
     out = dict(statuses)
-    out.update({cid: seen for cid, (seen, _, _) in _views(sweep_dir, statuses).items()})
+    out.update({cid: seen for cid, (seen, _, _) in _views(sweep_dir, statuses, store).items()})
     return out
 
 
-def in_slurm(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, CellStatus]:
+def in_slurm(sweep_dir: Path, statuses: dict[str, CellStatus],
+             store: Optional[str] = None) -> dict[str, CellStatus]:
     """The cells among ``statuses`` that a Slurm job still owns, as Slurm sees them (PENDING or RUNNING
     with the job id): their job is queued or running, or was submitted a moment ago.
 
@@ -264,7 +269,7 @@ def in_slurm(sweep_dir: Path, statuses: dict[str, CellStatus]) -> dict[str, Cell
     if not any(s.backend == "slurm" for s in statuses.values()):
         return {}
     owned = {}
-    for cid, (seen, state, job) in _views(sweep_dir, statuses).items():
+    for cid, (seen, state, job) in _views(sweep_dir, statuses, store).items():
         if state in LIVE or (state is None and not seen.state.finished and seen.job_id == job):
             owned[cid] = seen if seen.job_id == job else dataclasses.replace(seen, job_id=job)
     return owned

@@ -55,4 +55,28 @@ def composer_fn():
         yield lambda overrides: compose("config", overrides=overrides)
 
 
+@pytest.fixture
+def done_cell() -> Callable[..., Path]:
+    """Make a DONE cell the store trusts: ``done_cell(cell_dir, result)`` writes ``result.json`` as the
+    trial does (indented; ``compact=True``: on one line, as the stand-in cell does) and a DONE
+    ``status.json`` recording its size, as a launcher does when the cell ends."""
+    import json
+
+    from proxyattention import cellstate, fileio
+    from proxyattention.cellstate import CellState, CellStatus, Owner
+
+    def make(cell: Path, result: dict, compact: bool = False) -> Path:
+        cell.mkdir(parents=True, exist_ok=True)
+        if compact:
+            (cell / fileio.RESULT).write_text(json.dumps(result))
+        else:
+            fileio.write_json_atomic(cell / fileio.RESULT, result)
+        started = CellStatus().started_by(Owner.this_process(), pid=1)
+        cellstate.write_status(cell, started.finished(CellState.DONE, exit_code=0, metrics={"test/acc": 0.5},
+                                                      result_size=cellstate.result_size(cell)))
+        return cell
+
+    return make
+
+
 from fakecell import fake  # noqa: E402,F401  (the stand-in cell's launcher fixture, for every test file)

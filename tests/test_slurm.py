@@ -395,6 +395,140 @@ def test_a_later_batch_continues_the_lanes_of_the_first(tmp_path, monkeypatch):
                                                                              (1, "afterany:101")]
 
 
+class SnapshotExecutor(FakeExecutor):
+    """A FakeExecutor that also notes, at every sbatch, the files at the top of each cell folder."""
+
+    def __init__(self, cells: list[Path]) -> None:
+        super().__init__(cells)
+        self.files: list[dict[str, list[str]]] = []
+
+    @contextlib.contextmanager
+    def batch(self):
+        with super().batch():
+            yield
+            self.files.append({c.name: files(c) for c in self.cells})
+
+
+def files(cell: Path) -> list[str]:
+    """The files at the top of a cell folder, its claim files left out."""
+    return sorted(n for n in os.listdir(cell) if not n.startswith(manifest.CLAIM_PREFIX))
+
+
+def ended_done(cell: Path) -> None:
+    """A cell as a finished attempt leaves it: its result, and a DONE status that trusts it."""
+    (cell / "result.json").write_text(json.dumps({"status": "done", "metrics": {"test/acc": 0.5}}))
+    (cell / "runs.log").write_text("1 local\n")
+    cellstate.write_status(cell, CellStatus(state=CellState.DONE, attempts=1,
+                                            result_size=cellstate.result_size(cell)))
+
+
+def damaged_store(tmp_path: Path) -> tuple[Path, list[CellRecord], list[Path]]:
+    """c00 DONE; c01 a status that cannot be trusted; c02 DONE with a truncated result; c03 FAILED."""
+    sweep, records, cells = fake_sweep(tmp_path, 4)
+    for c in cells[:3]:
+        ended_done(c)
+    (cells[1] / "status.json").write_text(json.dumps({"state": "BOGUS", "attempts": 1}))
+    (cells[2] / "result.json").write_text((cells[2] / "result.json").read_text()[:10])
+    cellstate.write_status(cells[3], CellStatus(state=CellState.FAILED, attempts=1, error="exit code 1"))
+    assert [cellstate.read_status(c).state for c in cells] == [CellState.DONE, CellState.DAMAGED,
+                                                              CellState.DAMAGED, CellState.FAILED]
+    return sweep, records, cells
+
+
+@pytest.mark.parametrize("rerun, submitted, moved", [
+    ("failed", ["c01", "c02", "c03"], []),
+    ("damaged", ["c01", "c02"], []),
+    ("not_done", ["c01", "c02", "c03"], []),
+    ("all", ["c00", "c01", "c02", "c03"], ["c00", "c03"]),
+])
+def test_damaged_cells_are_set_aside_before_they_are_submitted(tmp_path, monkeypatch, rerun, submitted, moved):
+    """As the local backend does: a DAMAGED cell's files go to damaged-<stamp>/ under its claim, before
+    sbatch, so its job never reads them nor runs over them; every other cell is left as it was."""
+    sweep, records, cells = damaged_store(tmp_path)
+    before = {c.name: files(c) for c in cells}
+    fake = SnapshotExecutor(cells)
+    out = submit_with(fake, sweep, records, monkeypatch, rerun=rerun, max_array_size=10)
+    assert [c for a in fake.arrays for c in a["cells"]] == submitted, out
+    # Named with the reason before anything is submitted, whatever the rerun mode.
+    assert "DAMAGED c01 status.json: state \"BOGUS\" is not a cell state" in out, out
+    assert "DAMAGED c02 status.json says DONE but result.json" in out, out
+    (at_sbatch,) = fake.files
+    for cid in ("c01", "c02"):  # set aside before the sbatch, config.yaml and claims left
+        cell = sweep / "cells" / cid
+        (aside,) = cell.glob("damaged-*")
+        assert at_sbatch[cid] == [aside.name], at_sbatch
+        assert files(aside) == before[cid]
+        assert f"{cid}  damaged files moved to {aside}" in out
+        s = cellstate.read_status(cell)
+        assert s.state == CellState.PENDING and s.backend == "slurm" and s.job_id and s.attempts == 1
+        assert s.error is None and s.metrics == {}
+    assert json.loads((sweep / "cells" / "c01" / fake.files[0]["c01"][0] / "status.json").read_text())[
+        "state"] == "BOGUS"
+    assert len((sweep / "cells" / "c02" / fake.files[0]["c02"][0] / "result.json").read_text()) == 10
+    for cid in ("c00", "c03"):
+        cell = sweep / "cells" / cid
+        assert not list(cell.glob("damaged-*"))
+        if cid in moved:  # rerun=all: earlier results to previous/<stamp>/, the attempts kept
+            assert [p.name for p in (cell / "previous").iterdir()] and "result.json" not in os.listdir(cell)
+            assert cellstate.read_status(cell).attempts == 1
+        elif cid not in submitted:
+            assert files(cell) == before[cid]  # untouched
+    if rerun == "damaged":
+        assert cellstate.read_status(cells[3]).state == CellState.FAILED
+    assert cellstate.read_status(cells[0]).state == (CellState.PENDING if rerun == "all" else CellState.DONE)
+
+
+def test_a_dry_run_names_damaged_cells_and_moves_nothing(tmp_path, monkeypatch):
+    sweep, records, cells = damaged_store(tmp_path)
+    before = {c.name: files(c) for c in cells}
+    import io
+
+    from launcher.console import Console
+
+    shown = io.StringIO()
+    opts = SlurmOptions(rerun="damaged", max_array_size=10, dry_run=True)
+    assert SlurmSubmitter(sweep, records, opts, console=Console(records, stream=shown)).run() == 0
+    out = shown.getvalue()
+    assert {c.name: files(c) for c in cells} == before and not (sweep / "slurm").exists()
+    line = next(ln for ln in out.splitlines() if ln.startswith("DAMAGED") and "c01" in ln)
+    assert "BOGUS" in line, out
+    assert "dry run: 2 of 4 cells would be submitted" in out, out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.startswith("c0")}
+    assert [rows[c][-1] for c in ("c00", "c01", "c02", "c03")] == ["no", "yes", "yes", "no"], out
+
+
+def test_a_job_that_finds_its_cell_damaged_sets_its_files_aside_and_runs_it_anew(tmp_path, monkeypatch):
+    """What a Slurm array task runs, here in this process: a cell damaged while its job was queued is
+    run from scratch, its files kept aside, never run over; the record of the job itself stays."""
+    import signal
+
+    from launcher.slurm_job import CellJob
+
+    module, env = sleep_cell(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    sweep, records, (cell,) = fake_sweep(tmp_path, 1)
+    ended_done(cell)
+    (cell / "result.json").write_text("{")
+    slurm_state.write_record(cell, SlurmRecord(job_id="7_0", submitted=time.time(), submitter="login:1",
+                                               stdout="/x.out", stderr="/x.err"))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    usr2 = signal.getsignal(signal.SIGUSR2)
+    try:
+        got = CellJob(cell_dir=str(cell), heartbeat_s=0.5, cell_module=module.split("=", 1)[1])()
+    finally:
+        signal.signal(signal.SIGUSR2, usr2)
+    assert got["state"] == "DONE"
+    s = cellstate.read_status(cell)
+    assert s.state == CellState.DONE and s.attempts == 2 and s.job_id == "7_0"
+    (aside,) = cell.glob("damaged-*")
+    assert (aside / "result.json").read_text() == "{" and (aside / "runs.log").read_text() == "1 local\n"
+    assert runs(sweep, "c00") == 1  # its own run, in a fresh log
+    assert slurm_state.read_record(cell).job_id == "7_0" and not (aside / "slurm.json").exists()
+
+
 def test_sacct_ranges_of_tasks_that_never_started_are_read_per_task(monkeypatch):
     calls = []
 
@@ -610,6 +744,30 @@ def test_scancel_one_cell_then_rerun_submits_only_it(cluster, sweep):
     # rerun=failed finds nothing now: the cancelled cell is queued again, the other still runs.
     out = launch(sweep, *overrides, "hydra.launcher.rerun=failed")
     assert "nothing to submit" in out, out
+
+
+@pytest.mark.slurm
+def test_rerun_damaged_sets_the_damaged_files_aside_and_redoes_the_cell(cluster, sweep, tmp_path):
+    module, env = sleep_cell(tmp_path)
+    launch(sweep, "train.seed=0", module, env=env)
+    ended = ("DONE", "FAILED", "CANCELLED", "TIMEOUT")
+    cells = wait_for(lambda: all_in(sweep, *ended), 120, "the cells to end")
+    assert {c["state"] for c in cells.values()} == {"DONE"}, cells
+    victim, other = sorted(cells)
+    first_job = record(sweep, victim)["job_id"]
+    result = sweep / "cells" / victim / "result.json"
+    result.write_text(result.read_text()[:10])  # truncated: DAMAGED, never DONE
+    assert status(sweep)[victim]["state"] == "DAMAGED"
+    out = launch(sweep, "train.seed=0", module, "hydra.launcher.rerun=damaged", env=env)
+    assert "submitted 1 of 2 cells" in out and f"{victim}  damaged files moved to" in out, out
+    cells = wait_for(lambda: all_in(sweep, *ended), 120, "the damaged cell to be redone")
+    assert {c["state"] for c in cells.values()} == {"DONE"}, cells
+    assert cells[victim]["attempts"] == 2 and cells[other]["attempts"] == 1
+    assert record(sweep, victim)["job_id"] != first_job
+    (aside,) = (sweep / "cells" / victim).glob("damaged-*")
+    assert len((aside / "result.json").read_text()) == 10  # the damaged file, kept
+    assert len((aside / "runs.log").read_text().splitlines()) == 1  # the first run's log, kept
+    assert runs(sweep, victim) == 1 and runs(sweep, other) == 1  # run again from scratch; the other not
 
 
 @pytest.mark.slurm

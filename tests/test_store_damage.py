@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -391,6 +392,37 @@ def test_a_dry_run_into_a_new_sweep_folder_reads_the_store(fake, tmp_path):
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "dry run: 1 of 3 cells would run" in dry.stdout
     assert not (tmp_path / "other").exists()
+
+
+def test_a_slurm_dry_run_into_a_new_sweep_folder_reads_the_store(fake, tmp_path):
+    """The Slurm backend's dry run reads cells as the local one does: a cell DONE in the store is not one
+    to submit, a DAMAGED one is named and would be redone (``rerun=damaged``: it alone)."""
+    assert fake("proxy.threshold=0.1").returncode == 0
+    ids = by_threshold(fake.sweep)
+    result = store() / ids["0.1"] / "result.json"
+    result.write_text(result.read_text()[:25])
+    other = tmp_path / "other"
+
+    def slurm_dry_run(*overrides: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "launcher", "model=test_resnet", "proxy.threshold=0.1,0.4", *overrides,
+                "hydra/launcher=slurm", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={other}"]
+        proc = subprocess.run(args, cwd=tmp_path, text=True, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        no_traceback(proc)
+        return proc
+
+    dry = slurm_dry_run()
+    rows = {ln.split()[0]: ln.split() for ln in dry.stdout.splitlines() if ln.split()[:1] and ln.split()[0]
+            in ids.values()}
+    assert rows[ids["baseline"]][-3:] == ["DONE", "-", "no"], dry.stdout  # reused from the store
+    assert rows[ids["0.1"]][-3:] == ["DAMAGED", "-", "yes"], dry.stdout
+    line = next(ln for ln in dry.stdout.splitlines() if ln.startswith("DAMAGED") and ids["0.1"] in ln)
+    assert "result.json" in line
+    assert "dry run: 2 of 3 cells would be submitted" in dry.stdout, dry.stdout  # the damaged and the new
+    dry = slurm_dry_run("hydra.launcher.rerun=damaged")
+    assert "dry run: 1 of 3 cells would be submitted" in dry.stdout, dry.stdout
+    assert not other.exists() and len((store() / ids["0.1"] / "result.json").read_text()) == 25
+    assert not list((store() / ids["0.1"]).glob("damaged-*"))  # a dry run moves nothing
 
 
 # --- 8: plan files name cells, nothing else -------------------------------------------------------------
