@@ -1,8 +1,10 @@
 """Structured configs for one trial, registered in Hydra's ConfigStore.
 
-Each group in ``conf/`` (dataset, model, method, proxy, train) fills one of these dataclasses, so a
+Each group in ``conf/`` (dataset, model, method, proxy, train, explain) fills one of these dataclasses, so a
 misspelt key or a wrong type is an error at composition time. Value ranges and choices that a dataclass
-cannot express are checked by :func:`validate`, before any data is loaded.
+cannot express are checked by :func:`validate`, before any data is loaded. Each group's default option
+(``conf/config.yaml`` names them) lists every key of its dataclass with these defaults and comments;
+``tests/test_conf_defaults.py`` keeps the two equal.
 
 No torch here: the launcher imports this module to validate cells before any starts.
 Cell identity lives in :mod:`proxyattention.identity`.
@@ -53,12 +55,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
-    source: str = "digits"
-    root: Optional[str] = None
-    image_size: int = 32
+    name: str = "digits"  # names the dataset in ids, results and cache files
+    source: str = "digits"  # the loader (proxyattention.data.registry.SOURCES)
+    root: Optional[str] = None  # the folder holding the images, for the sources that read files
+    image_size: int = 32  # images are resized to image_size x image_size px
     num_classes: Optional[int] = None  # filled in from the data; a set value is checked against it
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # share of the images held out (stratified, seeded) for validation
     test_fraction: float = 0.15  # ignored where the dataset has an official test split
     label_fn: str = "parent"  # "parent" (folder name) or "module:function" taking a path, returning a label
     in_memory: str = "auto"  # hold images on the training device: auto = when they fit its memory budget
@@ -68,14 +70,15 @@ class DatasetConfig:
     # The content fingerprint of data read from `root`: the planner writes it into each cell's snapshot (it
     # is part of the cell id, so an id names the data, not its folder); the trial checks the data still has it.
     fingerprint: Optional[str] = None
-    download: bool = False
+    download: bool = False  # true: torchvision sources download into root if missing
+    # Where manifests, file listings and splits are kept (never inside the dataset).
     cache_dir: str = "${oc.env:PROXYATTENTION_CACHE,${oc.env:HOME,.}/.cache/proxyattention}"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
-    pretrained: bool = False
+    name: str = "resnet18"  # a timm model name
+    pretrained: bool = False  # true: timm's ImageNet weights
     weights: Optional[str] = None  # local checkpoint file: offline alternative to `pretrained`
     target_layer: Optional[str] = None  # module path such as "layer3"; default: chosen automatically
     batch_size: int = 128  # the thesis's batch size for this model
@@ -84,21 +87,21 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "gradcampp"
+    name: str = "gradcampp"  # a CAM method of CAM_METHODS
     impl: str = "auto"  # auto: batched torch path where one exists, else pytorch-grad-cam
-    batch_size: int = 64
+    batch_size: int = 64  # images per CAM batch in a proxy step
 
 
 @dataclass
 class ProxyConfig:
-    enabled: bool = True
-    schedule: str = "2,p,2"
-    threshold: float = 0.4
-    weight: float = 0.8
-    subset: float = 1.0
-    mode: str = "blend"
-    target: str = "mistake"  # the class the CAM explains: mistake | predicted | true (README: the proxy step)
-    clear_every_step: bool = True
+    enabled: bool = True  # false: no proxy steps (the baseline)
+    schedule: str = "2,p,2"  # integers are training epochs, `p` a proxy step (proxyattention.schedule)
+    threshold: float = 0.4  # pixels with cam >= threshold are replaced
+    weight: float = 0.8  # how strongly mode=blend darkens them: x * (1 - weight * cam)
+    subset: float = 1.0  # a seeded random fraction of the misclassified images gets proxies
+    mode: str = "blend"  # what the pixels become: one of PROXY_MODES
+    target: str = "mistake"  # the class the CAM explains: mistake | predicted | true (docs/method.md)
+    clear_every_step: bool = True  # true: a step's proxies replace the earlier ones; false: they chain
     p_trains: bool = False  # true: each `p` is a training epoch followed by the step (the thesis's count)
     log_images: int = 8  # originals and proxies shown side by side in TensorBoard per step
     dump: bool = False  # also save every proxy image as PNG in the trial folder
@@ -106,32 +109,32 @@ class ProxyConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
+    seed: int = 0  # the split, initial weights, data order, augmentation and proxy subsets derive from it
     batch_size: Any = None  # null: the model's batch size; an integer; or "auto" (largest that fits)
     max_lr: float = 2e-3  # OneCycleLR's peak; it starts at max_lr / 25
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-5  # AdamW's
     amp: bool = True  # mixed precision on CUDA (bf16 from capability 8.0, else fp16 + scaler unless model.amp=false)
     channels_last: Any = "auto"  # NHWC memory layout: auto = on CUDA, off on the CPU; or true/false
     # Deterministic cuDNN/cuBLAS and torch algorithms: a proxy cell and its baseline stay identical on a GPU
-    # up to the first proxy step (some ops slower); false: cuDNN autotunes on CUDA (README: Fairness)
+    # up to the first proxy step (some ops slower); false: cuDNN autotunes on CUDA (docs/method.md: Fairness)
     deterministic: bool = False
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # images per batch when validating and testing
     checkpoint: bool = True  # a checkpoint after every epoch, used to resume
-    device: str = "auto"
+    device: str = "auto"  # auto: CUDA when a GPU is usable, else the CPU; cpu | cuda
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    progress: bool = True
+    progress: bool = True  # a progress bar per epoch (on a terminal only)
 
 
 @dataclass
 class ExplainConfig:
     """Explainability metrics of the trained model on test images (``proxyattention.explain``)."""
 
-    enabled: bool = True
-    method: str = "eigengradcam"  # judge with a CAM method other than the training one (DESIGN.md)
-    impl: str = "auto"
+    enabled: bool = True  # false: no explain/* metrics
+    method: str = "eigengradcam"  # judge with a CAM method other than the training one (docs/method.md: Fairness)
+    impl: str = "auto"  # as method.impl
     images: int = 128  # a seeded subset of the test split (the same for a cell and its baseline); 0 = all
     steps: int = 20  # insertion / deletion steps
-    batch_size: int = 128
+    batch_size: int = 128  # images per batch of its CAMs and of the metrics' forward passes
     target: str = "predicted"  # the class explained and scored: predicted (Grad-CAM++, RISE) | true
     fill: str = "black"  # what masked pixels become: black (in pixel space) | mean (pytorch-grad-cam)
 
