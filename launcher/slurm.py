@@ -104,7 +104,7 @@ class SlurmOptions:
     requeue: bool = True  # at the time limit or preemption: checkpoint, requeue, resume
     max_requeues: int = 3  # time-limit requeues per job before the cell is TIMEOUT
     signal_delay_s: int = 120  # Slurm warns the job this long before its time limit (SIGUSR2)
-    setup: List[str] = field(default_factory=list)  # shell lines run before the cell, e.g. module load
+    setup: List[str] = field(default_factory=list)  # shell lines run before the cell, e.g. module load python/3.11
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other sbatch option
     srun_args: List[str] = field(default_factory=list)
     python: Optional[str] = None  # interpreter on the nodes; null: the one running the launcher

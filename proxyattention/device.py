@@ -43,7 +43,7 @@ VOLTA_INSTALL = ('a CUDA 12.6 build, `pip install "torch<=2.14.1" torchvision --
                  'https://download.pytorch.org/whl/cu126`, or torch 2.10 from PyPI, '
                  '`pip install "torch==2.10.*" "torchvision==0.25.*"`')
 GPU_INSTALL_HINT = (f"install a PyTorch build whose architecture list includes the GPU's (for a V100, sm_70: "
-                    f"{VOLTA_INSTALL}; see the README's GPU clusters section)")
+                    f"{VOLTA_INSTALL}; see docs/cluster.md)")
 
 
 def is_volta(capability: Sequence[int]) -> bool:
@@ -57,11 +57,11 @@ def install_hint(capability: Optional[Sequence[int]] = None) -> str:
         return GPU_INSTALL_HINT
     if is_volta(capability):  # sm_70 cubins run on 7.2 as well
         return (f"install a PyTorch build with Volta (sm_70) kernels: {VOLTA_INSTALL}; "
-                "see the README's GPU clusters section")
+                "see docs/cluster.md")
     arch = f"sm_{capability[0]}{capability[1]}"
     return (f"install a PyTorch build whose architecture list includes {arch} "
             "(`python -c \"import torch; print(torch.cuda.get_arch_list())\"` shows a build's list); "
-            "see the README's GPU clusters section")
+            "see docs/cluster.md")
 
 
 def gpu_required() -> bool:

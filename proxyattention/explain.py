@@ -241,7 +241,7 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
     masks: optional (len(dataset), h, w) bool object masks, indexed like the bank, any resolution.
     The CAMs explain, and the metrics score, the class ``cfg.explain.target`` names (the model's
     prediction on the clean image, or the true label) with ``cfg.explain.method``, which should differ
-    from the training method (DESIGN.md); the model's mode and gradients are left as they were.
+    from the training method (docs/method.md); the model's mode and gradients are left as they were.
     """
     from proxyattention.cam import explain_batch
 

@@ -41,7 +41,7 @@ def _require_root(cfg: Any) -> None:
         return  # its loader downloads into the root (and makes it)
     if not cfg.root or not os.path.isdir(os.path.expanduser(str(cfg.root))):
         raise DataError(f"dataset.root={cfg.root!r} is not a folder; point dataset.root at the dataset "
-                        f"(for {cfg.name}: see the README's datasets section, or "
+                        f"(for {cfg.name}: see docs/datasets.md, or "
                         f"`python -m proxyattention.data prepare {cfg.name} ROOT`)")
 
 

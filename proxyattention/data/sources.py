@@ -79,7 +79,7 @@ def load_imagefolder(cfg: Any) -> Samples:
     root = cfg.root
     if not root or not os.path.isdir(root):
         raise DataError(f"dataset.root={root!r} is not a folder; point dataset.root at the dataset "
-                        f"(for {cfg.name}: see the README's datasets section, or "
+                        f"(for {cfg.name}: see docs/datasets.md, or "
                         f"`python -m proxyattention.data prepare {cfg.name} ROOT`)")
     label_fn = resolve_label_fn(cfg.label_fn)
     has_official = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")) \
