@@ -55,11 +55,12 @@ class CellProcess:
 
 def watch(proc: subprocess.Popen, cell: Path, claim: Claim, status: CellStatus, heartbeat_s: float, *,
           until: Optional[float] = None, stop: Callable[[], bool] = lambda: False,
-          poll_s: float = 1.0) -> tuple[Optional[int], CellStatus]:
+          poll_s: float = 1.0, tick: Optional[Callable[[], None]] = None) -> tuple[Optional[int], CellStatus]:
     """Wait for the cell process, heartbeating its claim and status.
 
     Returns ``(exit code, status)`` when it exits, or ``(None, status)`` when the wall-clock time
-    ``until`` passes or ``stop()`` turns true (the caller decides how to stop it).
+    ``until`` passes or ``stop()`` turns true (the caller decides how to stop it). ``tick()`` is called
+    after every heartbeat (the local console shows the cell's progress from it).
     """
     next_beat = time.monotonic() + heartbeat_s
     while True:
@@ -77,6 +78,8 @@ def watch(proc: subprocess.Popen, cell: Path, claim: Claim, status: CellStatus, 
             status = status.beat()
             write_status(cell, status)
             next_beat = time.monotonic() + heartbeat_s
+            if tick is not None:
+                tick()
 
 
 def record_end(cell: Path, status: CellStatus, returncode: Optional[int], *, timed_out: bool = False,
@@ -87,6 +90,7 @@ def record_end(cell: Path, status: CellStatus, returncode: Optional[int], *, tim
     ``time_limit_warned``: Slurm announced the job's time limit, so a kill that follows is TIMEOUT.
     A CANCELLED cell is marked interrupted: it resumes from its checkpoint when rerun. A DONE status
     records the size of ``result.json``, which every later read checks (a truncated file reads DAMAGED).
+    A trial stopped at a prune request exits 0 with a partial result: PRUNED (:func:`cell_outcome`).
     """
     state, error, metrics = cell_outcome(cell, returncode, timed_out=timed_out, interrupted=interrupted)
     if time_limit_warned and state == CellState.CANCELLED:

@@ -1,4 +1,5 @@
-"""What the terminal shows: one line per cell state change, a progress bar, a summary table."""
+"""What the terminal shows: one line per cell state change, a line per epoch of a running cell (epoch k of
+N, its last validation accuracy, the time left), a progress bar, a summary table."""
 
 from __future__ import annotations
 
@@ -45,6 +46,14 @@ def fmt_acc(status: CellStatus) -> str:
     return "-" if acc is None else f"{acc:.4f}"
 
 
+def fmt_state(status: CellStatus) -> str:
+    """The state as the summary shows it: ``PRUNED (after epoch 2)`` for a pruned cell, else the state."""
+    epoch = status.metrics.get("pruned/epoch")
+    if status.state == CellState.PRUNED and epoch is not None:
+        return f"PRUNED (after epoch {epoch:.0f})"
+    return status.state.value
+
+
 def table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
     rows = [list(header)] + [list(r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -67,6 +76,7 @@ class Console:
         self._lock = threading.Lock()
         self._bar = None
         self._n_run = 0
+        self._epochs: dict[str, int] = {}  # per running cell, the last epoch shown
 
     @property
     def labels(self) -> dict[str, str]:
@@ -114,16 +124,26 @@ class Console:
             line += f"  {detail}"
         self.say(line)
 
+    def progress(self, cid: str, progress: Optional[dict]) -> None:
+        """A line for a running cell that has finished an epoch since the last one shown (its
+        ``progress.json``: :mod:`proxyattention.progress`): epoch k of N, val/acc, the time left."""
+        from proxyattention.progress import describe
+
+        if not progress or not progress.get("epoch") or self._epochs.get(cid) == progress["epoch"]:
+            return
+        self._epochs[cid] = progress["epoch"]
+        self.cell(cid, CellState.RUNNING, describe(progress))
+
     def summary(self, records: Sequence[CellRecord], statuses: dict[str, CellStatus], sweep_dir: Path) -> None:
         order = list(records)
         if len(order) > SUMMARY_ROWS:
             # The cells that need attention first.
-            order.sort(key=lambda r: statuses[r.id].state == CellState.DONE)
+            order.sort(key=lambda r: statuses[r.id].state.settled)
         shown = order[:SUMMARY_ROWS]
         rows = []
         for r in shown:
             s = statuses[r.id]
-            rows.append([r.id, self.label(r.id) or "-", s.state.value, fmt_acc(s), fmt_duration(s.duration_s)])
+            rows.append([r.id, self.label(r.id) or "-", fmt_state(s), fmt_acc(s), fmt_duration(s.duration_s)])
         text = table(rows, ["cell", "overrides", "state", "test/acc", "time"])
         if len(order) > len(shown):
             text += f"\n… and {len(order) - len(shown)} more cells (python -m launcher.status {sweep_dir})"

@@ -41,7 +41,7 @@ from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
 from launcher.console import Console, dry_run_listing, fmt_acc, fmt_duration
 from launcher.manifest import CellRecord, Claim, Rerun
 from launcher.objective import check_objective
-from proxyattention import cellstate
+from proxyattention import cellstate, progress
 from proxyattention.cellstate import (
     REQUIRE_GPU_ENV,
     CellState,
@@ -180,8 +180,8 @@ class LocalRunner:
             fresh = manifest.prepare_rerun(cell, status, self.rerun, say=self.console.say)
             if fresh is not None:  # DAMAGED (its files set aside) or rerun=all (earlier results moved)
                 status = fresh
-            elif cellstate.read_result(cell) is not None:
-                # Its process finished after its launcher died: the result is complete, adopt it.
+            elif manifest.adoptable(cell):
+                # Its process finished (or was pruned) after its launcher died: adopt its result.
                 status = manifest.adopted(cell, status)
                 cellstate.write_status(cell, status)
                 return status
@@ -208,7 +208,8 @@ class LocalRunner:
         self.console.cell(cid, CellState.RUNNING, f"(attempt {status.attempts}, pid {proc.pid}, {where})")
         until = None if self.opts.timeout_min is None else time.time() + 60 * self.opts.timeout_min
         try:
-            rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s, until=until)
+            rc, status = watch(proc, cell, claim, status, self.opts.heartbeat_s, until=until,
+                               tick=lambda: self._show_progress(cid, cell))
             timed_out = rc is None
             if timed_out:
                 self._terminate(proc)
@@ -226,6 +227,13 @@ class LocalRunner:
             self._procs.pop(cid, None)
         interrupted = self._stopping.is_set() and not timed_out and rc != 0
         return record_end(cell, status, rc, timed_out=timed_out, interrupted=interrupted)
+
+    def _show_progress(self, cid: str, cell: Path) -> None:
+        """At a heartbeat: a console line when the cell has finished an epoch since the last one shown."""
+        try:
+            self.console.progress(cid, progress.read_progress(cell))
+        except Exception:  # noqa: BLE001 (a display must never stop the cell's supervision)
+            pass
 
     @staticmethod
     def _terminate(proc: subprocess.Popen) -> None:
@@ -287,8 +295,12 @@ class LocalRunner:
             return self._dry_run(selected)
         if not selected:
             n_done = sum(s.state == CellState.DONE for s in self.statuses.values())
+            n_pruned = sum(s.state == CellState.PRUNED for s in self.statuses.values())
             if n_done == len(ids):
                 self.console.say(f"All {len(ids)} cells are DONE; nothing to run.")
+            elif n_done + n_pruned == len(ids):
+                self.console.say(f"All {len(ids)} cells are finished ({n_done} DONE, {n_pruned} PRUNED); "
+                                 "nothing to run.")
             elif in_slurm:
                 self.console.say(f"Nothing to run here: {in_slurm} cells are queued or running in Slurm.")
             else:
@@ -436,7 +448,8 @@ class LocalRunner:
             self.collect.update(self.statuses)
         if self.summary:
             self.console.summary(self.records, self.statuses, self.sweep_dir)
-        return 0 if all(s.state == CellState.DONE for s in self.statuses.values()) else 1
+        # PRUNED cells were stopped on request: not failures.
+        return 0 if all(s.state.settled for s in self.statuses.values()) else 1
 
     def _dry_run(self, selected: list[str]) -> int:
         self.console.say(dry_run_listing(self.console, self.records, self.statuses, selected, self.opts.list_rows))

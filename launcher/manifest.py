@@ -21,7 +21,9 @@ Layout of a sweep folder::
 
 States (:class:`CellState`): no ``status.json`` means PENDING; RUNNING carries the owner's host and pid
 (or Slurm job id) and a heartbeat; DONE is written only after ``result.json`` parsed with
-``"status": "done"`` (:func:`cell_outcome`). A RUNNING status whose owner is gone — dead pid on this
+``"status": "done"`` (:func:`cell_outcome`); PRUNED when the trial stopped early at a prune request
+(``prune.json``: :mod:`proxyattention.progress`) and left its partial result — finished, not failed, never
+rerun but by ``rerun=all``. A RUNNING status whose owner is gone — dead pid on this
 host, or a heartbeat older than ``stale_after_s`` — reads as CANCELLED with ``interrupted=True``
 (:func:`effective_status`): rerunnable, and a rerun resumes from the cell's checkpoint. An entry that
 cannot be trusted (see :func:`proxyattention.cellstate.read_status`) reads as DAMAGED: it is not DONE,
@@ -70,6 +72,8 @@ from proxyattention.cellstate import (
     error_headline,
     is_cell_id,
     owner_gone,
+    pruned_note,
+    read_pruned,
     read_result,
     read_status,
     result_size,
@@ -97,7 +101,7 @@ ERROR_TAIL_LINES = 12
 class Rerun(str, enum.Enum):
     """Which cells a launch runs."""
 
-    NOT_DONE = "not_done"  # default: every cell that is not DONE (interrupted ones resume)
+    NOT_DONE = "not_done"  # default: every cell that is neither DONE nor PRUNED (interrupted ones resume)
     FAILED = "failed"  # only cells that ended FAILED, TIMEOUT, CANCELLED (or were interrupted) or DAMAGED
     DAMAGED = "damaged"  # only DAMAGED cells (an entry that cannot be trusted), their files set aside first
     ALL = "all"  # force: every cell; earlier results are moved to the cell's previous/<stamp>/
@@ -117,7 +121,7 @@ class Rerun(str, enum.Enum):
             return state.failed
         if self is Rerun.DAMAGED:
             return state == CellState.DAMAGED
-        return state != CellState.DONE
+        return not state.settled
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +269,9 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
                  interrupted: bool = False) -> tuple[CellState, Optional[str], dict]:
     """Judge a finished attempt: ``(state, error tail or None, summary metrics)``.
 
-    DONE needs exit code 0 AND a parsed ``result.json`` with ``"status": "done"``. ``timed_out`` /
+    DONE needs exit code 0 AND a parsed ``result.json`` with ``"status": "done"``; PRUNED, exit code 0 and
+    the partial ``result.json`` of a trial stopped at a prune request (``"status": "pruned"``:
+    :func:`proxyattention.cellstate.read_pruned`), its error the one line saying when and why. ``timed_out`` /
     ``interrupted`` say the launcher itself stopped the cell (TIMEOUT / CANCELLED). A cell killed by a
     signal nobody in the launcher sent is CANCELLED as well: rerunnable, it resumes from its checkpoint.
     """
@@ -284,6 +290,14 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
                 if k in timing:
                     metrics[f"timing/{k}"] = timing[k]
             return CellState.DONE, None, metrics
+        pruned = read_pruned(cell)
+        if pruned is not None:
+            m = pruned.get("metrics") or {}
+            metrics = {k: m[k] for k in (*SUMMARY_METRICS, "val/acc") if k in m}
+            epoch = (pruned.get("pruned") or {}).get("epoch")
+            if isinstance(epoch, int) and not isinstance(epoch, bool):
+                metrics["pruned/epoch"] = epoch
+            return CellState.PRUNED, pruned_note(pruned), metrics
         return CellState.FAILED, (f"the cell exited 0 but {RESULT} is missing or not a finished result\n"
                                   + tail(cell / STDERR)), {}
     if returncode is not None and returncode < 0:
@@ -366,11 +380,12 @@ def set_aside_damaged(cell: Path, keep: Iterable[str] = ()) -> Optional[Path]:
 
 def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
     """The DONE status of a cell whose finished result nobody recorded (its launcher died first, or it
-    was run by hand): at least one attempt, its duration and end from ``result.json``."""
+    was run by hand): at least one attempt, its duration and end from ``result.json``. PRUNED for the
+    partial result of a trial stopped at a prune request (:func:`adoptable`)."""
     state, error, metrics = cell_outcome(cell, 0)
     new = status.finished(state, exit_code=0, error=error, metrics=metrics,
                           result_size=result_size(cell) if state == CellState.DONE else None)
-    result = read_result(cell) or {}
+    result = read_result(cell) or read_pruned(cell) or {}
     total = (result.get("timing") or {}).get("total_s")
     try:
         ended = os.stat(Path(cell) / RESULT).st_mtime
@@ -379,6 +394,11 @@ def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
     duration = total if isinstance(total, (int, float)) and not isinstance(total, bool) else (
         None if status.started is None else round(ended - status.started, 3))
     return dataclasses.replace(new, attempts=max(1, status.attempts), ended=ended, duration_s=duration)
+
+
+def adoptable(cell: Path) -> bool:
+    """Whether the cell holds a result nobody recorded that ends it: finished (DONE) or pruned (PRUNED)."""
+    return read_result(cell) is not None or read_pruned(cell) is not None
 
 
 # ---------------------------------------------------------------------------------------------------

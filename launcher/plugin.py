@@ -8,7 +8,8 @@ definition, then gives the cells to a *backend*: a module ``launcher.<backend>``
 Nothing runs in the Hydra process itself.
 
 Hydra only instantiates plugins defined under the ``hydra_plugins`` package, so the classes Hydra
-sees are two-line subclasses in ``hydra_plugins/proxyattention_launcher``; the code lives here.
+sees are two-line subclasses in ``hydra_plugins/proxyattention_launcher``; the code lives here (and, for
+the adaptive sweeper ``hydra/sweeper=optuna``, in :mod:`launcher.optuna_sweeper`).
 
 :class:`CellSweeper` is ``BasicSweeper`` without its pre-launch composition of every job (~0.1 s a
 job through Hydra): :func:`launcher.plan.plan_sweep` validates every job anyway, faster, before any
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobReturn, JobStatus
@@ -66,7 +67,8 @@ class LocalLauncherConf:
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = "outputs/cells"  # the cell store every sweep links its cells from (null: none)
     list_rows: int = 60  # rows of a dry run's listing (0: every cell)
-    objective: str = "val/acc_best"  # what each job returns to an adaptive sweeper (a validation metric)
+    # What each job returns to an adaptive sweeper (a validation metric; a list: one per objective).
+    objective: Any = "val/acc_best"
     objective_vs_baseline: bool = False  # return proxy − paired baseline of the objective instead
 
 
@@ -83,6 +85,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="local_schema", node=LocalLauncherConf, provider="proxyattention")
     cs.store(group="hydra/sweeper", name="cells", node=CellSweeperConf, provider="proxyattention")
+    # conf/config.yaml's `sweeper_default`: hydra/sweeper=cells unless a saved sweep or the command line
+    # chooses another. An override in the primary config itself would win over a saved sweep's; one in a
+    # config it includes is applied after the saved sweep's (Hydra expands the defaults last to first).
+    cs.store(name="sweeper_default", node={"defaults": [{"override /hydra/sweeper": "cells"}]},
+             provider="proxyattention")
 
 
 def sweep_name(task_overrides: Any, config_name: Optional[str] = None, params: Any = None) -> str:
@@ -160,6 +167,7 @@ class CellSweeper(BasicSweeper):
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         if ours:
             self.launcher.defer_summary = True  # one summary for the whole command, printed below
+            self.launcher.adaptive = False
         returns: List[Sequence[JobReturn]] = []
         initial_job_idx = 0
         while not self.is_done():
@@ -197,6 +205,8 @@ class SweepLauncher(Launcher):
         self.hydra_context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None
         self.defer_summary = False  # CellSweeper prints one summary after the last batch
+        self.adaptive = True  # the sweeper reads each batch's job returns (False: CellSweeper)
+        self.on_plan: Optional[Callable[[Any], None]] = None  # called with each batch's plan before it runs
         self._records: dict[str, Any] = {}  # every cell of this command, over all batches
         self._statuses: dict[str, Any] = {}  # their final statuses, as the local backend last saw them
 
@@ -210,17 +220,23 @@ class SweepLauncher(Launcher):
         return self.hydra_context.config_loader.load_sweep_config(
             master_config=self.config, sweep_overrides=overrides)
 
+    def check_options(self) -> Any:
+        """The backend module, once it has accepted ``hydra.launcher`` (else a one-line SweepError)."""
+        assert self.config is not None
+        backend = importlib.import_module(f"launcher.{self.backend}")
+        try:
+            backend.check_options(self.config.hydra.launcher, adaptive=self.adaptive)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+        return backend
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         global EXIT_CODE
         from launcher import plan as planning
 
         assert self.config is not None
         launcher_cfg = self.config.hydra.launcher
-        backend = importlib.import_module(f"launcher.{self.backend}")
-        try:  # refused before anything is planned or written
-            backend.check_options(launcher_cfg, adaptive=not self.defer_summary)
-        except ValueError as e:
-            raise SweepError(str(e)) from None
+        backend = self.check_options()  # refused before anything is planned or written
         sweep_dir = Path(self.config.hydra.sweep.dir)
         dry_run = bool(launcher_cfg.get("dry_run", False))
         jobs = [list(j) for j in job_overrides]
@@ -267,6 +283,8 @@ class SweepLauncher(Launcher):
         records = [c.record for c in plan.cells]
         for r in records:
             self._records.setdefault(r.id, r)
+        if self.on_plan is not None:
+            self.on_plan(plan)
         hooks = None if dry_run else _JobCallbacks.of(self, plan)
         try:
             code = backend.run(sweep_dir, records, launcher_cfg, summary=not self.defer_summary, hooks=hooks,
@@ -279,12 +297,12 @@ class SweepLauncher(Launcher):
                 self.print_summary()
             raise SweepError(manifest.write_failure_line(e)) from None
         EXIT_CODE = max(EXIT_CODE, code)  # over all batches
-        if dry_run and not self.defer_summary:  # an adaptive sweeper: later trials depend on results
+        if dry_run and self.adaptive:  # an adaptive sweeper: later trials depend on results
             print("dry run: an adaptive sweeper chooses its next trials from the results of these; "
                   "only its first batch is shown")
             sys.exit(0)
         name = str(self.config.hydra.job.name)
-        if self.defer_summary:  # the grid sweeper reads no job return: skip reading every cell again
+        if not self.adaptive:  # the grid sweeper reads no job return: skip reading every cell again
             root = str(cellstate.cells_root(sweep_dir))
             return [JobReturn(overrides=j, working_dir=f"{root}/{cid}", task_name=name, status=JobStatus.UNKNOWN)
                     for j, cid in zip(jobs, plan.job_cells)]
@@ -326,7 +344,7 @@ def job_returns(sweep_dir: Path, jobs: Sequence[Sequence[str]], job_cells: Seque
                                                          or base_status.state == cellstate.CellState.DONE):
             ret.status = JobStatus.COMPLETED
             if gain:
-                ret.return_value = 0.0 if base is None else objective.value(
+                ret.return_value = objective.zero(name) if base is None else objective.value(
                     cell, name, cellstate.cell_dir(sweep_dir, base))
             else:
                 ret.return_value = objective.value(cell, name)

@@ -357,8 +357,10 @@ class SlurmSubmitter:
         if self.opts.dry_run:
             return self._dry_run(statuses, selected)
         if not selected:
-            if all(s.state == CellState.DONE for s in statuses.values()):
-                self.console.say(f"All {len(ids)} cells are DONE; nothing to submit. Sweep folder: {self.sweep_dir}")
+            if all(s.state.settled for s in statuses.values()):
+                pruned = sum(s.state == CellState.PRUNED for s in statuses.values())
+                done = f"finished ({len(ids) - pruned} DONE, {pruned} PRUNED)" if pruned else "DONE"
+                self.console.say(f"All {len(ids)} cells are {done}; nothing to submit. Sweep folder: {self.sweep_dir}")
             else:
                 self.console.say(f"No cell matches hydra.launcher.rerun={self.rerun.value}; nothing to submit. "
                                  f"Sweep folder: {self.sweep_dir}")

@@ -12,8 +12,8 @@ runs, the job is the only writer of ``status.json``. The cell runs with the hub 
 compute nodes often have no internet, and pretrained weights come from the cache filled on the login node.
 
 Why a subprocess: the trial's Python failure must end the Slurm job FAILED, never COMPLETED, and a
-crash in torch must not take the status writer with it. A cell that does not end DONE makes this
-function raise, so submitit exits non-zero and ``sacct`` says FAILED (or CANCELLED / TIMEOUT when Slurm
+crash in torch must not take the status writer with it. A cell that does not end DONE (or PRUNED: a
+trial stopped at a prune request, ``prune.json`` in its folder, is no failure) makes this function raise, so submitit exits non-zero and ``sacct`` says FAILED (or CANCELLED / TIMEOUT when Slurm
 stopped it).
 
 Time limit and preemption: Slurm sends ``SIGUSR2`` ``signal_delay_s`` before the limit (submitit's
@@ -130,6 +130,10 @@ class CellJob:
             claim.release()
             print(f"cell {cell.name} is already DONE; nothing to do", flush=True)
             return {"state": CellState.DONE.value, "skipped": True}
+        if status.state == CellState.PRUNED:  # pruned by a run since it was submitted: never rerun here
+            claim.release()
+            print(f"cell {cell.name} is already PRUNED; nothing to do", flush=True)
+            return {"state": CellState.PRUNED.value, "skipped": True}
         if status.state == CellState.DAMAGED:  # damaged since it was submitted: never run over
             try:
                 moved = manifest.set_aside_damaged(cell, keep=(RECORD,))  # the record of this job stays
@@ -161,7 +165,7 @@ class CellJob:
             self._stop_child()
             if not released:
                 claim.release()
-        if status.state != CellState.DONE:
+        if not status.state.settled:  # DONE, or PRUNED (stopped on request: not a failure)
             raise CellFailedError(f"cell {cell.name} ended {status.state.value}:\n{status.error or ''}")
         return {"state": status.state.value, "metrics": status.metrics}
 

@@ -10,7 +10,7 @@ Slurm says              the cell shows
 ======================  ==============================================================
 PENDING, REQUEUED, …    PENDING (queued as job J)
 RUNNING                 RUNNING (the job's own status, heartbeat and all)
-COMPLETED               the job's final status (FAILED if it never wrote one)
+COMPLETED               the job's final status: DONE, PRUNED (FAILED if it never wrote one)
 FAILED                  FAILED with the tail of the job's stderr log
 OUT_OF_MEMORY           FAILED: the job went over its memory limit (``--mem``), the tail, and the fix
                         (also FAILED whose stderr has slurmstepd's ``oom_kill`` line)
@@ -175,7 +175,7 @@ def _live(status: CellStatus, job: str, slurm_state: str) -> CellStatus:
 def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optional[str],
          now: Optional[float] = None) -> CellStatus:
     """The cell's effective status, given its recorded status, its submission and Slurm's job state."""
-    if record is None or status.state == CellState.DONE or status.backend != "slurm":
+    if record is None or status.state.settled or status.backend != "slurm":
         return status
     if status.job_id not in (None, record.job_id):
         return status  # written by an earlier job than the latest submission: its word is final
@@ -216,7 +216,7 @@ def view(status: CellStatus, record: Optional[SlurmRecord], slurm_state: Optiona
 def _views(sweep_dir: Path, statuses: dict[str, CellStatus],
            store: Optional[str] = None) -> dict[str, tuple[CellStatus, Optional[str], str]]:
     """``{cell_id: (status as Slurm sees it, Slurm's state of the cell's latest job, that job's id)}`` for
-    the cells whose status names a Slurm job and is not DONE.
+    the cells whose status names a Slurm job and is neither DONE nor PRUNED.
 
     Slurm is asked about the job each status names (the submitter records a job before it writes the
     status naming it); a cell's ``slurm.json`` is read only when that job is not queued or running —
@@ -224,7 +224,7 @@ def _views(sweep_dir: Path, statuses: dict[str, CellStatus],
     where the cell's status was (:func:`launcher.manifest.cell_entry`: the store's entry of a cell the
     sweep folder does not link yet, given ``store``).
     """
-    mine = {cid: s for cid, s in statuses.items() if s.backend == "slurm" and s.state != CellState.DONE}
+    mine = {cid: s for cid, s in statuses.items() if s.backend == "slurm" and not s.state.settled}
     asked = {s.job_id for s in mine.values() if s.job_id}
     states = job_states(asked)
     views: dict[str, tuple[CellStatus, Optional[str], str]] = {}

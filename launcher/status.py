@@ -10,8 +10,21 @@ by another backend (``"backend": "slurm"`` in their status) are refreshed by tha
 ``launcher.<backend>.refresh_status(sweep_dir, {cell_id: CellStatus}) -> {cell_id: CellStatus}`` when it
 defines one (sacct for Slurm).
 
+A RUNNING cell's progress comes from its ``progress.json`` (one small file, written by the trial after
+every epoch: :mod:`proxyattention.progress`): epoch k of N, its last validation accuracy and the time
+left (mean epoch time × epochs left). A PRUNED cell (stopped early at a prune request) shows with when
+and why.
+
 ``--json`` prints ``{"sweep_dir", "cells": [{"id", "state", "overrides", "attempts", "dir", "job_id",
-"role", "baseline", "duration_s", "error", "interrupted", "metrics"}, …], "counts": {STATE: n}}``.
+"role", "baseline", "duration_s", "error", "interrupted", "metrics"}, …], "counts": {STATE: n}}``; a
+RUNNING cell also has ``"progress": {"epoch", "epochs", "val/acc", "val/acc_best", "epoch_s", "eta_s",
+"updated"}`` (null before its trial has written one). ``counts`` names PRUNED only when a cell is.
+
+A sweep run by ``hydra/sweeper=optuna`` also shows its study (the sweep folder's ``study.json``, written
+by :mod:`launcher.optuna_sweeper` after each batch): ``"study": {"name", "storage", "storage_kind"
+("journal": a journal file, open it with ``JournalStorage(JournalFileBackend(storage))``; "rdb": a URL
+``optuna.load_study`` takes as it is), "directions", "objective", "n_trials", "trials", "complete",
+"pruned", "failed", "running", "best_value", "best_params", "best_trial", "best_cell", …}``.
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ from typing import Optional
 
 from launcher import manifest
 from launcher.manifest import CellRecord
-from proxyattention import cellstate
+from proxyattention import cellstate, progress
 from proxyattention.cellstate import CellState, CellStatus
 
 
@@ -55,14 +68,23 @@ def collect(sweep_dir: Path, stale_after_s: float = cellstate.DEFAULT_STALE_AFTE
 
 
 def counts_of(statuses: dict[str, CellStatus]) -> dict[str, int]:
-    counts = {s.value: 0 for s in CellState}
+    counts = {s.value: 0 for s in CellState if s != CellState.PRUNED}  # PRUNED only when there is one
     for s in statuses.values():
-        counts[s.state.value] += 1
+        counts[s.state.value] = counts.get(s.state.value, 0) + 1
     return counts
+
+
+def running_progress(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus]
+                     ) -> dict[str, Optional[dict]]:
+    """The ``progress.json`` of every RUNNING cell (None where it has none yet, or it cannot be read)."""
+    root = str(cellstate.cells_root(sweep_dir))
+    return {r.id: progress.read_progress(os.path.join(root, r.id)) for r in records
+            if statuses[r.id].state == CellState.RUNNING}
 
 
 def as_json(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus]) -> dict:
     root = str(cellstate.cells_root(sweep_dir))
+    running = running_progress(sweep_dir, records, statuses)
     cells = []
     for r in records:
         s = statuses[r.id]
@@ -70,7 +92,22 @@ def as_json(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
                       "dir": os.path.join(root, r.id), "role": r.role, "baseline": r.baseline,
                       "duration_s": s.duration_s, "error": s.error, "interrupted": s.interrupted,
                       "metrics": s.metrics, "job_id": s.job_id})
-    return {"sweep_dir": str(sweep_dir), "cells": cells, "counts": counts_of(statuses)}
+        if r.id in running:
+            cells[-1]["progress"] = progress.summary(running[r.id])
+    out = {"sweep_dir": str(sweep_dir), "cells": cells, "counts": counts_of(statuses)}
+    study = _study(sweep_dir)
+    if study is not None:
+        out["study"] = study
+    return out
+
+
+def _study(sweep_dir: Path) -> Optional[dict]:
+    """An Optuna sweep's ``study.json`` (launcher.optuna_sweeper, imported only for such a folder)."""
+    if not (Path(sweep_dir) / "study.json").is_file():
+        return None
+    from launcher.optuna_sweeper import read_study
+
+    return read_study(sweep_dir)
 
 
 def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus],
@@ -78,7 +115,9 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
     from launcher.console import distinguishing, fmt_acc, fmt_duration, table
 
     labels = distinguishing(records)
-    rows, tails = [], []
+    running = {cid: progress.describe(p) for cid, p in running_progress(sweep_dir, records, statuses).items()}
+    shown = any(running.values())  # the progress column, only while a running cell has written its progress
+    rows, tails, pruned = [], [], []
     for r in records:
         s = statuses[r.id]
         label = labels.get(r.id, "") or "-"
@@ -88,16 +127,28 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
                 " (orphaned)" if s.state == CellState.RUNNING and (s.error or "").startswith(cellstate.ORPHANED) else
                 " (missing)" if s.state == CellState.PENDING and s.error else "")
         state = s.state.value + note + (f" job {s.job_id}" if s.job_id else "")
-        rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_acc(s), label])
-        if s.error and s.state != CellState.DONE:
+        rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_acc(s)]
+                    + ([running.get(r.id) or "-"] if shown else []) + [label])
+        if s.state == CellState.PRUNED:
+            pruned.append(f"{r.id}  {cellstate.error_headline(s.error) or 'pruned'}")
+        elif s.error and s.state != CellState.DONE:
             lines = s.error.strip().splitlines()[-error_lines:]
             tails.append(f"{r.id} {s.state.value}:\n" + "\n".join("    " + ln for ln in lines))
-    text = table(rows, ["cell", "state", "attempts", "time", "test/acc", "overrides"])
+    text = table(rows, ["cell", "state", "attempts", "time", "test/acc"] + (["progress"] if shown else [])
+                 + ["overrides"])
     counts = ", ".join(f"{n} {st}" for st, n in counts_of(statuses).items() if n)
     out = [text]
     if tails:
         out.append("errors (tail):\n" + "\n".join(tails))
+    if pruned:
+        out.append("pruned (stopped early on request; partial results, not rerun):\n"
+                   + "\n".join("    " + ln for ln in pruned))
     out.append(f"{len(records)} cells: {counts or 'none'}\nsweep folder: {sweep_dir}")
+    study = _study(sweep_dir)
+    if study is not None:
+        from launcher.optuna_sweeper import closing_line
+
+        out.append(closing_line(study))
     return "\n\n".join(out)
 
 

@@ -1,7 +1,7 @@
 """Run one sweep cell from its snapshot: ``python -m proxyattention.cell CELL_DIR``.
 
 The cell folder's ``config.yaml`` (written by the launcher when the sweep was planned) is the whole
-trial config, so editing ``conf/`` mid-sweep does not change queued cells. Exit code: 0 done, 1 failed,
+trial config, so editing ``conf/`` mid-sweep does not change queued cells. Exit code: 0 done or pruned, 1 failed,
 2 bad config, 130 interrupted.
 """
 

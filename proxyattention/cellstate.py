@@ -56,6 +56,9 @@ class CellState(str, enum.Enum):
     TIMEOUT = "TIMEOUT"
     CANCELLED = "CANCELLED"
     DAMAGED = "DAMAGED"  # its status or result cannot be trusted (see read_status); never DONE, redone
+    # Stopped early at a prune request (proxyattention.progress): finished, not failed, never rerun but by
+    # rerun=all; its result.json is partial ("status": "pruned") and never read as a finished result.
+    PRUNED = "PRUNED"
 
     @property
     def finished(self) -> bool:
@@ -66,6 +69,12 @@ class CellState(str, enum.Enum):
     def failed(self) -> bool:
         """Ended without a result one can trust: what ``rerun=failed`` reruns."""
         return self in (CellState.FAILED, CellState.TIMEOUT, CellState.CANCELLED, CellState.DAMAGED)
+
+    @property
+    def settled(self) -> bool:
+        """Finished for good, as a launch sees it: DONE or PRUNED (a re-issue runs neither; the exit
+        code is 0 when every cell is settled)."""
+        return self in (CellState.DONE, CellState.PRUNED)
 
 
 @dataclass
@@ -280,7 +289,7 @@ def _without_status(cell: Path | str) -> CellStatus:
         return CellStatus(error=folder_problem(cell))
     if os.path.lexists(os.path.join(cell, RESULT)):  # a result nobody recorded: adoptable, or damaged
         problem = result_problem(cell)
-        if problem is not None:
+        if problem is not None and read_pruned(cell) is None:  # a pruned result is adoptable too
             return damaged(f"no {STATUS}, and {problem}")
     return CellStatus()
 
@@ -360,6 +369,29 @@ def read_result(cell: Path) -> Optional[dict]:
     """``result.json`` if it parses, says ``"status": "done"`` and has the types its readers need, else None."""
     d = read_json(Path(cell) / RESULT)
     return d if d is not None and result_content_problem(d) is None else None
+
+
+PRUNED_RESULT = "pruned"  # the "status" of the partial result.json of a trial stopped at a prune request
+
+
+def read_pruned(cell: Path | str) -> Optional[dict]:
+    """The partial ``result.json`` of a trial stopped at a prune request (``"status": "pruned"``, a
+    ``"pruned"`` object, metrics of numbers), else None. Never a finished result (:func:`read_result`)."""
+    d = read_json(os.path.join(cell, RESULT))
+    if d is None or d.get("status") != PRUNED_RESULT or not isinstance(d.get("pruned"), dict):
+        return None
+    if _metrics_problem(d.get("metrics") or {}) is not None:
+        return None
+    return d
+
+
+def pruned_note(result: dict) -> str:
+    """``pruned after epoch 2 of 4: <reason>``: the one line a PRUNED cell's status carries as its error."""
+    p = result.get("pruned") or {}
+    epoch, epochs = p.get("epoch"), p.get("epochs")
+    where = f"after epoch {epoch}" + (f" of {epochs}" if epochs is not None else "") if epoch is not None else ""
+    reason = str(p.get("reason") or "").strip().splitlines()
+    return f"pruned {where}".rstrip() + (f": {reason[0]}" if reason else "")
 
 
 # ---------------------------------------------------------------------------------------------------

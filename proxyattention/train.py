@@ -3,10 +3,12 @@
 ``python -m proxyattention.train [overrides]`` — a thin Hydra entry point around :func:`train`, the work
 function that tests call directly; :func:`train` reads as the list of what a trial does. The trial folder
 gets ``config.yaml``, ``checkpoint.pt`` (every epoch) and ``proxy_state.<n>.pt`` (at proxy steps; a
-restarted trial resumes from them), TensorBoard events under ``tb/``, ``trial.log`` and ``result.json``
-— or ``error.json`` and a non-zero exit code.
+restarted trial resumes from them), ``progress.json`` (every epoch: how far it is, its validation
+numbers), TensorBoard events under ``tb/``, ``trial.log`` and ``result.json`` — or ``error.json`` and a
+non-zero exit code. A ``prune.json`` in the folder stops the trial at the next epoch boundary with a
+partial ``result.json`` (``"status": "pruned"``; see :mod:`proxyattention.progress`).
 
-Fairness (DESIGN.md): the split is made once per (dataset, seed); data order, augmentation and initial
+Fairness (docs/method.md): the split is made once per (dataset, seed); data order, augmentation and initial
 weights derive from the seed alone, so a proxy trial and its baseline see the same batches; OneCycleLR
 steps every batch; proxies replace their originals from the very next epoch, so both runs see the
 same number of images. What Proxy Attention itself does is in :mod:`proxyattention.proxy`.
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from proxyattention import checkpoint, fileio
+from proxyattention import checkpoint, fileio, progress as progress_file
 from proxyattention.config import (
     ConfigError,
     TrialConfig,
@@ -117,6 +119,8 @@ class Trial:
     mistakes: Tensor  # (N,) int32 on the device: the class wrongly chosen per image this epoch, or -1
     progress: Progress
     writer: Any
+    started: float = field(default_factory=time.time)  # when this attempt began (progress.json)
+    epoch_s: list[float] = field(default_factory=list)  # wall seconds of each epoch done (progress.json)
 
     @property
     def seed(self) -> int:
@@ -138,16 +142,27 @@ class Trial:
 # ------------------------------------------------------------------------------------------ the trial
 
 def train(cfg: DictConfig | TrialConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume) one trial in ``out_dir``; return the result written to ``result.json``."""
+    """Run (or resume) one trial in ``out_dir``; return the result written to ``result.json``.
+
+    At every epoch boundary (and before the first epoch) a prune request in ``out_dir``
+    (:mod:`proxyattention.progress`) stops the trial there: its partial result is written instead."""
     clock = time.perf_counter()
     trial = set_up(to_trial_config(cfg), Path(out_dir))  # device, data, model, optimizer; resume
     setup_s = time.perf_counter() - clock
+    write_progress(trial)  # epoch k of N from the start (k > 0 when resumed)
     for epoch in trial.remaining_epochs():
+        if (request := progress_file.prune_request(trial.out)) is not None:
+            return write_pruned(trial, request, setup_s, clock)
+        t0 = time.perf_counter()
         row = train_epoch(trial, epoch)  # one pass over the training images, mistakes recorded
         row.update(validate(trial))
         if epoch in trial.proxy_after:
             row.update(run_proxy_step(trial, epoch))  # Proxy Attention
         end_epoch(trial, epoch, row)  # log, checkpoint
+        trial.epoch_s.append(time.perf_counter() - t0)
+        write_progress(trial)
+    if (request := progress_file.prune_request(trial.out)) is not None:  # asked after the last epoch
+        return write_pruned(trial, request, setup_s, clock)
     metrics = test_and_explain(trial)
     return write_result(trial, metrics, setup_s, clock)
 
@@ -192,7 +207,25 @@ def set_up(cfg: Any, out: Path) -> Trial:
     writer = SummaryWriter(str(out / fileio.TB_DIR), purge_step=progress.epoch + 1 if progress.epoch else None)
     mistakes = torch.full((len(data.samples),), -1, dtype=torch.int32, device=device)
     return Trial(cfg, out, trial_id, schedule, device, precision, channels_last, data, model, target_layer,
-                 batch_size, steps_per_epoch, optimizer, scheduler, proxies, mistakes, progress, writer)
+                 batch_size, steps_per_epoch, optimizer, scheduler, proxies, mistakes, progress, writer,
+                 epoch_s=earlier_epoch_s(out, progress.epoch))
+
+
+def earlier_epoch_s(out: Path, epochs_done: int) -> list[float]:
+    """The epoch times an earlier attempt recorded in ``progress.json`` for the epochs a resumed trial
+    keeps (none for a fresh trial, or when that record does not cover them)."""
+    if not epochs_done:
+        return []
+    earlier = progress_file.read_progress(out)
+    times = list(earlier["epoch_s"]) if earlier else []
+    return times[:epochs_done] if len(times) >= epochs_done else []
+
+
+def write_progress(trial: Trial) -> None:
+    """``progress.json``: epochs done of all, their validation numbers and times (small; every epoch)."""
+    p = trial.progress
+    progress_file.write_progress(trial.out, epoch=p.epoch, epochs=trial.epochs, history=p.history,
+                                 epoch_s=trial.epoch_s, started=trial.started, resumed_from=p.resumed_from)
 
 
 def load_data(cfg: Any, device: torch.device) -> Data:
@@ -627,20 +660,7 @@ def test_and_explain(trial: Trial) -> dict[str, Any]:
     p.timing["eval_s"] += time.perf_counter() - t0
     trial.writer.add_scalar("test/acc", test_acc, trial.epochs)
     trial.writer.add_scalar("test/loss", test_loss, trial.epochs)
-    last = p.history[-1] if p.history else {}
-    images = sum(s["chosen"] for s in p.proxy_steps)
-    metrics: dict[str, Any] = {
-        "test/acc": test_acc,
-        "test/loss": test_loss,
-        "val/acc": last.get("val/acc", float("nan")),
-        "val/acc_best": max((h["val/acc"] for h in p.history), default=float("nan")),
-        "train/loss": last.get("train/loss", float("nan")),
-        "train/acc": last.get("train/acc", float("nan")),
-        "proxy/images": images,
-        "proxy/steps": len(p.proxy_steps),
-        "proxy/pixels_changed": sum(s["pixels_changed"] * s["chosen"] for s in p.proxy_steps) / max(1, images),
-        "proxy/now_correct": sum(s["now_correct"] for s in p.proxy_steps),
-    }
+    metrics: dict[str, Any] = {"test/acc": test_acc, "test/loss": test_loss, **training_metrics(trial)}
     if trial.cfg.explain.enabled:  # explainability on test images, judged with explain.method
         t0 = time.perf_counter()
         explained = explain_trial(trial.model, trial.data.bank, trial.data.test, trial.cfg, trial.target_layer,
@@ -652,15 +672,45 @@ def test_and_explain(trial: Trial) -> dict[str, Any]:
     return metrics
 
 
-def write_result(trial: Trial, metrics: dict[str, Any], setup_s: float, clock: float) -> dict[str, Any]:
+def training_metrics(trial: Trial) -> dict[str, Any]:
+    """The final metrics training alone gives: the last epoch's, the best validation accuracy, proxy totals."""
+    p = trial.progress
+    last = p.history[-1] if p.history else {}
+    images = sum(s["chosen"] for s in p.proxy_steps)
+    return {
+        "val/acc": last.get("val/acc", float("nan")),
+        "val/acc_best": max((h["val/acc"] for h in p.history), default=float("nan")),
+        "train/loss": last.get("train/loss", float("nan")),
+        "train/acc": last.get("train/acc", float("nan")),
+        "proxy/images": images,
+        "proxy/steps": len(p.proxy_steps),
+        "proxy/pixels_changed": sum(s["pixels_changed"] * s["chosen"] for s in p.proxy_steps) / max(1, images),
+        "proxy/now_correct": sum(s["now_correct"] for s in p.proxy_steps),
+    }
+
+
+def write_pruned(trial: Trial, request: dict[str, Any], setup_s: float, clock: float) -> dict[str, Any]:
+    """Stop at a prune request: ``result.json`` with ``"status": "pruned"``, the history and the training
+    metrics so far (no test, no explainability: a pruned trial is not a finished result) and
+    ``"pruned": {"epoch", "epochs", "reason", "requested"}``. Its checkpoint and progress stay."""
+    p = trial.progress
+    log.info("pruned after epoch %d of %d: %s", p.epoch, trial.epochs, request.get("reason"))
+    pruned = {"epoch": p.epoch, "epochs": trial.epochs, "reason": request.get("reason"),
+              "requested": request.get("requested")}
+    return write_result(trial, training_metrics(trial), setup_s, clock, pruned=pruned)
+
+
+def write_result(trial: Trial, metrics: dict[str, Any], setup_s: float, clock: float,
+                 pruned: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     cfg = OmegaConf.to_container(trial.cfg, resolve=True)
     flat_cfg = {f"{g}.{k}": v for g, sect in cfg.items() for k, v in sect.items()
                 if isinstance(v, (int, float, str, bool))}
-    trial.writer.add_hparams(flat_cfg, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+    if pruned is None:  # a pruned trial's metrics are not final: no hparams record
+        trial.writer.add_hparams(flat_cfg, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
     trial.writer.close()
     data, p = trial.data, trial.progress
     result = {
-        "status": "done",
+        "status": "done" if pruned is None else "pruned",
         "trial_id": trial.trial_id,
         "metrics": metrics,
         "history": p.history,
@@ -679,6 +729,8 @@ def write_result(trial: Trial, metrics: dict[str, Any], setup_s: float, clock: f
                 "proxy_state_bytes": trial.proxies.nbytes()},
         "config": cfg,
     }
+    if pruned is not None:
+        result["pruned"] = pruned
     fileio.write_json_atomic(trial.out / fileio.RESULT, result)
     return result
 
@@ -699,7 +751,7 @@ def _setup_logging(out: Path) -> None:
 
 
 def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
-    """Validate, train, record; return the process exit code (0 done, 1 failed, 2 bad config).
+    """Validate, train, record; return the process exit code (0 done or pruned, 1 failed, 2 bad config).
 
     A failure leaves ``error.json`` (reason and traceback) and keeps everything written before.
     """
@@ -730,6 +782,11 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
         return 1
     (out / fileio.ERROR).unlink(missing_ok=True)  # an earlier attempt's error no longer applies
     m = result["metrics"]
+    if result["status"] == "pruned":  # stopped on request: not a failure
+        pr = result["pruned"]
+        print(f"pruned after epoch {pr['epoch']} of {pr['epochs']} ({pr['reason']}): val/acc_best "
+              f"{m['val/acc_best']:.4f}\nresults (partial): {out / fileio.RESULT}")
+        return 0
     print(f"done: test/acc {m['test/acc']:.4f}  val/acc_best {m['val/acc_best']:.4f}  "
           f"proxy/images {m['proxy/images']}  in {result['timing']['total_s']:.1f}s\n"
           f"results: {out / fileio.RESULT}\ntensorboard: tensorboard --logdir {out / fileio.TB_DIR}")

@@ -131,3 +131,29 @@ def test_submitit_apis():
     from submitit import SlurmExecutor
 
     assert "python" in inspect.signature(SlurmExecutor).parameters  # the nodes' interpreter
+
+
+@pytest.mark.floors
+def test_optuna_apis(tmp_path):
+    """What launcher.optuna_sweeper uses of Optuna 4.0: a journal file storage, ask/tell with a state and
+    skip_if_finished, intermediate values and the pruner's verdict, a RUNNING trial taken up again by id."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import Trial, TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    trial.suggest_float("x", 0.1, 0.9, step=0.1)
+    trial.set_user_attr("cell", "abc")
+    trial.report(0.2, step=1)
+    assert trial.should_prune()
+    again = optuna.load_study(study_name="s", storage=storage)
+    running = again.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
+    assert running.user_attrs == {"cell": "abc"}
+    again.tell(Trial(again, running._trial_id), state=TrialState.PRUNED)
+    again.tell(running.number, state=TrialState.FAIL, skip_if_finished=True)  # already finished: ignored
+    assert again.trials[0].state == TrialState.PRUNED and again.trials[0].value == 0.2

@@ -6,6 +6,8 @@ thin subclasses of :mod:`launcher.plugin`; planning and running are imported whe
 - ``LocalLauncher`` (``hydra/launcher=local``) runs cells as local subprocesses (launcher.local);
 - ``SlurmLauncher`` hands them to ``launcher.slurm`` (its ``run(sweep_dir, records, launcher_cfg)``);
 - ``CellSweeper`` (``hydra/sweeper=cells``) is Hydra's BasicSweeper without double composition;
+- ``OptunaSweeper`` (``hydra/sweeper=optuna``) runs an Optuna study whose trials are cells
+  (launcher.optuna_sweeper; Optuna itself is imported when a study starts);
 - ``SavedSweeps`` puts the saved sweeps (the repository's ``sweeps/``, or their installed copy) on the
   config search path, so a saved sweep ``sweeps/sweep/<name>.yaml`` runs as ``python -m launcher -m
   +sweep=<name>``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from launcher import optuna_sweeper as _optuna
 from launcher import plugin as _plugin
 from proxyattention import paths
 
@@ -29,6 +32,10 @@ class SlurmLauncher(_plugin.SweepLauncher):
 
 
 class CellSweeper(_plugin.CellSweeper):
+    pass
+
+
+class OptunaSweeper(_optuna.OptunaSweeper):
     pass
 
 
@@ -47,6 +54,7 @@ class SavedSweeps(SearchPathPlugin):
 
 
 _plugin.register_configs()
+_optuna.register_configs()  # hydra/sweeper=optuna, hydra/sweeper/sampler=…, hydra/sweeper/pruner=…
 _plugin.register_resolvers()
 try:  # the Slurm backend's schema (hydra/launcher=slurm); light: submitit is imported on submit only
     from launcher import slurm as _slurm

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 BAR_FIGURE = "bars_test_acc.png"  # the figure the README shows: keep this name stable
 HYPERPARAMETERS = ("proxy.threshold", "proxy.weight", "proxy.subset")
-MAX_WAITING = 40  # RUNNING / PENDING cells listed by name (failed cells are always all listed)
+MAX_WAITING = 40  # PRUNED / RUNNING / PENDING cells listed by name (failed cells are always all listed)
 STATES = tuple(s.value for s in CellState)
 FAILED_STATES = tuple(s.value for s in CellState if s.failed)
 
@@ -130,9 +130,10 @@ def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------ tables
 
 def _unfinished_rows(df: pd.DataFrame, labels: dict[str, str]) -> tuple[list[list[Any]], int]:
-    """Table rows of the cells not DONE (every failed one, the first MAX_WAITING others), and how
-    many of the others were left out."""
-    order = {s: i for i, s in enumerate((*FAILED_STATES, CellState.RUNNING.value, CellState.PENDING.value))}
+    """Table rows of the cells not DONE (every failed one, the first MAX_WAITING others: PRUNED, RUNNING,
+    PENDING), and how many of the others were left out."""
+    order = {s: i for i, s in enumerate((*FAILED_STATES, CellState.PRUNED.value, CellState.RUNNING.value,
+                                         CellState.PENDING.value))}
     unfinished = df[df["state"] != CellState.DONE.value].sort_values(
         ["state", "cell_id"], key=lambda c: c.map(order).fillna(-1) if c.name == "state" else c)
     failed = unfinished[unfinished["state"].isin(FAILED_STATES)]
@@ -159,11 +160,15 @@ def _states_section(df: pd.DataFrame, labels: dict[str, str]) -> list[str]:
         out.append("\nEvery cell is DONE.")
         return out
     out.append("\n## Cells not done\n")
-    out.append("These cells have no result and are left out of every number below.\n")
+    note = "These cells have no result and are left out of every number below."
+    if (df["state"] == CellState.PRUNED.value).any():
+        note += (" PRUNED cells were stopped early at a search's request: their partial results are left "
+                 "out too.")
+    out.append(note + "\n")
     rows, more = _unfinished_rows(df, labels)
     out.append(markdown_table(rows, ["cell", "state", "configuration", "seed", "error"]))
     if more:
-        out.append(f"\n… and {more} more cells RUNNING or PENDING (all in results.csv).")
+        out.append(f"\n… and {more} more cells PRUNED, RUNNING or PENDING (all in results.csv).")
     return out
 
 
@@ -460,13 +465,17 @@ def _search_section(df: pd.DataFrame, sweep: Path, out: Path) -> list[str]:
     if not target or target.endswith(GRID_SWEEPERS):
         return []
     keys = [str(k) for k in (sweeper.get("params") or {})]
-    objective = str((hydra_cfg.get("launcher") or {}).get("objective") or "val/acc_best")
+    objective = (hydra_cfg.get("launcher") or {}).get("objective") or "val/acc_best"
+    objective = str(objective if isinstance(objective, str) else objective[0])  # two objectives: the first
+    direction = sweeper.get("directions") or sweeper.get("direction") or "maximize"
+    lowest = str(direction if isinstance(direction, str) else direction[0]).lower() == "minimize"
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
     md = ["", "## Search", "", f"An adaptive sweep (`{target.rsplit('.', 1)[-1]}`): {len(proxy)} DONE trials, "
           f"each a cell; the sweeper saw `{objective}` (validation, so the test numbers below were not used "
           "to choose)."]
     if objective in proxy and not proxy.empty:
-        best = proxy.loc[proxy[objective].astype(float).idxmax()]
+        values = proxy[objective].astype(float)
+        best = proxy.loc[values.idxmin() if lowest else values.idxmax()]
         chosen = ", ".join(f"`{k}={best[k]:.4g}`" if isinstance(best[k], float) else f"`{k}={best[k]}`"
                            for k in keys if k in best)
         md.append(f"Best trial: cell `{best['cell_id']}`, {chosen}: `{objective}` {float(best[objective]):.4f}, "

@@ -27,6 +27,8 @@ from proxyattention.cellstate import (
     error_headline,
     folder_problem,
     is_cell_id,
+    pruned_note,
+    read_pruned,
     read_status,
     result_content_problem,
     result_problem,
@@ -80,13 +82,15 @@ def _plans(sweep: Path) -> dict[str, dict]:
     return out
 
 
-def _state(has_status: bool, status: Any, done: bool, error: Optional[dict]) -> str:
+def _state(has_status: bool, status: Any, done: bool, error: Optional[dict], pruned: bool = False) -> str:
     """The cell's state: its ``status.json``'s as :func:`proxyattention.cellstate.read_status` judges it
     (DAMAGED when it cannot be trusted), else what its result or error files say."""
     if has_status or status.state == CellState.DAMAGED:
         return status.state.value
     if done:
         return CellState.DONE.value  # a cell run by hand (python -m proxyattention.cell), no launcher status
+    if pruned:
+        return CellState.PRUNED.value  # stopped at a prune request, no launcher status
     if error is not None:
         return CellState.FAILED.value
     return CellState.PENDING.value
@@ -129,7 +133,9 @@ def _cell_row(cell: Path, now: float) -> dict[str, Any]:
     result = read_json(cell / RESULT)
     error = read_json(cell / ERROR)
     done = result is not None and result_content_problem(result) is None
-    state = _state(has_status, status, done, error)
+    # A pruned trial's partial result (``"status": "pruned"``) is never read as a result: no metric columns.
+    pruned = None if done else read_pruned(cell)
+    state = _state(has_status, status, done, error, pruned is not None)
     if state == CellState.DONE.value and not done:  # the status trusted a result that this read cannot
         state = CellState.DAMAGED.value
         status.error = f"{STATUS} says DONE but {result_problem(cell) or RESULT + ' is not a finished result'}"
@@ -143,6 +149,10 @@ def _cell_row(cell: Path, now: float) -> dict[str, Any]:
         row["error"] = error_headline(status.error)
     if "error" not in row and error is not None and state != CellState.DONE.value:
         row["error"] = error_headline(f"{error.get('type', 'Error')}: {error.get('error', '')}")
+    if state == CellState.PRUNED.value and pruned is not None:
+        row.setdefault("error", pruned_note(pruned))
+        epoch = (pruned.get("pruned") or {}).get("epoch")
+        row["pruned_epoch"] = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else np.nan
     row["problem"] = f"DAMAGED: {error_headline(status.error)}" if state == CellState.DAMAGED.value else ""
     if done:
         row.update(_result_columns(cell, result))
