@@ -168,7 +168,7 @@ NOT_OURS = {
     ("sweep", "NAME"): "a placeholder for a saved sweep's name",
     ("sweep", "mine"): "the reader's own saved sweep, defined in docs/package.md",
     ("dataset", "mine"): "the reader's own dataset, defined in docs/package.md",
-    ("hydra/sweeper", "optuna"): "Hydra's Optuna sweeper, an optional plugin ([optuna] extra)",
+    ("hydra/sweeper", "optuna"): "the project's Optuna sweeper, registered in code (launcher/optuna_sweeper.py)",
     ("hydra/launcher", "basic"): "Hydra's own launcher",
 }
 
