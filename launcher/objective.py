@@ -9,6 +9,13 @@ metrics (``val/…``) are what a search is meant to select on; training-side num
 ``hydra.launcher.objective_vs_baseline=true`` each value is the paired gain ``proxy − baseline`` of that
 metric (its shared paired baseline ran the same seed and epochs without proxy steps), which is what Proxy
 Attention is meant to raise; a baseline job's gain is 0.
+
+Explainability as an objective: with ``explain.val_images=N`` each trial also computes the explainability
+metrics on N seeded validation images (the same for a cell and its baseline) as ``val/explain/ad``,
+``val/explain/ai``, ``val/explain/ag``, ``val/explain/insertion``, ``val/explain/deletion`` (and
+``val/explain/pointing`` on dataset=shapes): e.g. ``hydra.launcher.objective=[val/acc_best,val/explain/insertion]``
+with ``hydra.sweeper.directions=[maximize,maximize]`` (AD and deletion are lower-better: ``minimize``). The
+report draws such a study's Pareto front.
 """
 
 from __future__ import annotations

@@ -133,6 +133,9 @@ class ExplainConfig:
     method: str = "eigengradcam"  # judge with a CAM method other than the training one (docs/method.md: Fairness)
     impl: str = "auto"  # as method.impl
     images: int = 128  # a seeded subset of the test split (the same for a cell and its baseline); 0 = all
+    # N > 0: the same metrics also on a seeded subset of N validation images (the same for a cell and its
+    # baseline), as val/explain/* — what a search may select on; 0 = none. Independent of enabled.
+    val_images: int = 0
     steps: int = 20  # insertion / deletion steps
     batch_size: int = 128  # images per batch of its CAMs and of the metrics' forward passes
     target: str = "predicted"  # the class explained and scored: predicted (Grad-CAM++, RISE) | true
@@ -248,7 +251,7 @@ def validate(cfg: DictConfig | TrialConfig) -> None:
         raise ConfigError(f"train.weight_decay={c.train.weight_decay} must be >= 0")
     _choice("explain.method", c.explain.method, CAM_METHODS)
     _choice("explain.impl", c.explain.impl, CAM_IMPLS)
-    for key, lo in (("images", 0), ("steps", 1), ("batch_size", 1)):
+    for key, lo in (("images", 0), ("val_images", 0), ("steps", 1), ("batch_size", 1)):
         if c.explain[key] < lo:
             raise ConfigError(f"explain.{key}={c.explain[key]} must be >= {lo}")
     if c.model.pretrained and c.model.weights:

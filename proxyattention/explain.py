@@ -233,12 +233,18 @@ def masks_at(masks: Any, indices: Tensor, size: tuple[int, int]) -> Tensor:
     return m > 0.5 if m.dtype != torch.bool else m
 
 
+VAL_PREFIX = "val/"  # the validation-image metrics: val/explain/ad, …, which a search may select on
+
+
 def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any, target_layer: Any,
-                  masks: Optional[Tensor] = None) -> dict[str, float]:
+                  masks: Optional[Tensor] = None, count: Optional[int] = None,
+                  warn: bool = True) -> dict[str, float]:
     """The ``explain/*`` metrics of a trained trial on its test images (``cfg.explain`` says how).
 
-    bank: the trial's :class:`~proxyattention.data.bank.ImageBank`; test_idx: (T,) long test indices;
-    masks: optional (len(dataset), h, w) bool object masks, indexed like the bank, any resolution.
+    bank: the trial's :class:`~proxyattention.data.bank.ImageBank`; test_idx: (T,) long test indices
+    (any split's: :func:`explain_validation` passes the validation ones); count: how many of them, a
+    seeded subset (default ``cfg.explain.images``; 0 = all); masks: optional (len(dataset), h, w) bool
+    object masks, indexed like the bank, any resolution.
     The CAMs explain, and the metrics score, the class ``cfg.explain.target`` names (the model's
     prediction on the clean image, or the true label) with ``cfg.explain.method``, which should differ
     from the training method (docs/method.md); the model's mode and gradients are left as they were.
@@ -246,10 +252,10 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
     from proxyattention.cam import explain_batch
 
     e = cfg.explain
-    if e.method == cfg.method.name and cfg.proxy.enabled:
+    if warn and e.method == cfg.method.name and cfg.proxy.enabled:
         log.warning("explain.method=%s is also the training method; the thesis judges a model with a "
                     "different CAM method (set explain.method)", e.method)
-    idx = choose_images(test_idx.cpu(), int(e.images), int(cfg.train.seed))
+    idx = choose_images(test_idx.cpu(), int(e.images if count is None else count), int(cfg.train.seed))
     images, classes, maps = [], [], []
     for _, imgs, y in bank.batches(idx, int(e.batch_size)):
         x = to_float(imgs)
@@ -264,3 +270,16 @@ def explain_trial(model: torch.nn.Module, bank: Any, test_idx: Tensor, cfg: Any,
     m = None if masks is None else masks_at(masks, idx, x.shape[-2:]).to(x.device)
     return explanation_metrics(model, x, y, s, m, steps=int(e.steps), batch_size=int(e.batch_size),
                                fill=str(e.fill))
+
+
+def explain_validation(model: torch.nn.Module, bank: Any, val_idx: Tensor, cfg: Any, target_layer: Any,
+                       masks: Optional[Tensor] = None) -> dict[str, float]:
+    """The same metrics on ``cfg.explain.val_images`` validation images (a seeded subset: the same for a
+    cell and its paired baseline, which share seed and split), named ``val/explain/*`` — what a search
+    may select on (``hydra.launcher.objective=val/explain/insertion``) without looking at the test split.
+    Empty when ``explain.val_images`` is 0."""
+    count = int(getattr(cfg.explain, "val_images", 0) or 0)
+    if count <= 0 or val_idx.numel() == 0:
+        return {}
+    got = explain_trial(model, bank, val_idx, cfg, target_layer, masks, count=count, warn=False)
+    return {VAL_PREFIX + k: v for k, v in got.items()}

@@ -53,6 +53,8 @@ ADDED_KEYS: dict[str, Any] = {"dataset.val_max": None, "proxy.p_trains": False, 
 ADDED_KEYS["dataset.fingerprint"] = None
 # Deterministic GPU algorithms: off is how every earlier cell ran.
 ADDED_KEYS["train.deterministic"] = False
+# Explainability metrics on validation images (val/explain/*): none is how every earlier cell ran.
+ADDED_KEYS["explain.val_images"] = 0
 # A baseline's proxy and method groups as they are hashed: fixed values (the defaults these groups had
 # when ids were first defined), so a later change of a proxy default never renames a baseline.
 BASELINE_PROXY: dict[str, Any] = {"enabled": False, "threshold": 0.4, "weight": 0.8, "subset": 1.0, "mode": "blend",

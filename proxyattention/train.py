@@ -48,7 +48,7 @@ from proxyattention.device import (
     device_info,
     resolve_device,
 )
-from proxyattention.explain import explain_trial
+from proxyattention.explain import explain_trial, explain_validation
 from proxyattention.identity import cell_id
 from proxyattention.models import TargetLayer, build_model, find_target_layer
 from proxyattention.proxy import ProxyLayer, ProxyState, proxy_step
@@ -666,6 +666,14 @@ def test_and_explain(trial: Trial) -> dict[str, Any]:
         explained = explain_trial(trial.model, trial.data.bank, trial.data.test, trial.cfg, trial.target_layer,
                                   getattr(trial.data.samples, "masks", None))
         p.timing["explain_s"] = time.perf_counter() - t0
+        metrics.update(explained)
+        for key, value in explained.items():
+            trial.writer.add_scalar(key, value, trial.epochs)
+    if trial.cfg.explain.val_images > 0:  # the same metrics on validation images: val/explain/*, for a search
+        t0 = time.perf_counter()
+        explained = explain_validation(trial.model, trial.data.bank, trial.data.val, trial.cfg,
+                                       trial.target_layer, getattr(trial.data.samples, "masks", None))
+        p.timing["explain_s"] = p.timing.get("explain_s", 0.0) + time.perf_counter() - t0
         metrics.update(explained)
         for key, value in explained.items():
             trial.writer.add_scalar(key, value, trial.epochs)

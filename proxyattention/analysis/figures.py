@@ -1,5 +1,6 @@
 """The report's matplotlib figures: proxy vs baseline bars, accuracy against each proxy
-hyperparameter, and validation-accuracy learning curves with the proxy steps marked.
+hyperparameter, validation-accuracy learning curves with the proxy steps marked, and a two-objective
+search's Pareto front (:func:`pareto_front` computes it).
 
 matplotlib is imported (with the Agg backend) only when a figure is drawn.
 """
@@ -99,9 +100,11 @@ def figure_hyperparameters(df: pd.DataFrame, params: Sequence[str], path: Path, 
     return drawn
 
 
-def figure_search(df: pd.DataFrame, keys: Sequence[str], path: Path, objective: str) -> list[str]:
+def figure_search(df: pd.DataFrame, keys: Sequence[str], path: Path, objective: str,
+                  minimize: bool = False) -> list[str]:
     """An adaptive sweep's trials: ``objective`` of each DONE proxy cell against each searched key (one
-    panel each), the best trial ringed, the paired baselines' mean dashed. Returns the keys drawn."""
+    panel each), the best trial ringed (the lowest with ``minimize``), the paired baselines' mean dashed.
+    Returns the keys drawn."""
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
     drawn = [k for k in keys if k in proxy and objective in proxy and proxy[k].nunique() >= 2]
     if not drawn:
@@ -110,7 +113,7 @@ def figure_search(df: pd.DataFrame, keys: Sequence[str], path: Path, objective: 
     fig, axes = _panels(plt, len(drawn))
     base = df[(df["state"] == "DONE") & (df["role"] == "baseline")]
     y = proxy[objective].astype(float)
-    best = y.idxmax()
+    best = y.idxmin() if minimize else y.idxmax()
     for ax, key in zip(axes, drawn):
         x = proxy[key].astype(float)
         ax.scatter(x, y, s=18, color="#1f77b4")
@@ -123,6 +126,66 @@ def figure_search(df: pd.DataFrame, keys: Sequence[str], path: Path, objective: 
     fig.savefig(path)
     plt.close(fig)
     return drawn
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[int]:
+    """Indices (ascending) of the Pareto-optimal points: those no other point dominates. ``a`` dominates
+    ``b`` when it is at least as good in every objective and better in one, each objective read by its
+    direction (``maximize`` | ``minimize``). Equal points do not dominate each other: all stay on the front.
+    A point with a NaN (or missing) value is never on it and dominates nothing."""
+    signs = []
+    for d in directions:
+        d = str(d).lower()
+        if d not in ("maximize", "minimize"):
+            raise ValueError(f"direction {d!r} is not maximize or minimize")
+        signs.append(1.0 if d == "maximize" else -1.0)
+    sign = np.array(signs)
+    vals = np.array([[np.nan if v is None else float(v) for v in p] for p in points], dtype=float)
+    if vals.size == 0:
+        return []
+    if vals.ndim != 2 or vals.shape[1] != len(signs):
+        raise ValueError(f"each point needs {len(signs)} values, one per direction")
+    ok = ~np.isnan(vals).any(axis=1)
+    good = vals * sign  # higher is better in every column
+    front = []
+    for i in np.flatnonzero(ok):
+        others = good[ok]
+        dominated = ((others >= good[i]).all(axis=1) & (others > good[i]).any(axis=1)).any()
+        if not dominated:
+            front.append(int(i))
+    return front
+
+
+def figure_pareto(values: Sequence[Sequence[float]], front: Sequence[int], names: Sequence[str],
+                  directions: Sequence[str], path: Path, labels: Optional[Sequence[str]] = None) -> bool:
+    """A two-objective study: every trial's two values as a point, the Pareto-optimal ones (``front``,
+    indices into ``values``) highlighted, labelled (``labels``, e.g. trial numbers) and joined in order
+    of the first objective. Returns False (nothing drawn) without a point to draw."""
+    pts = np.array([[float(v) for v in p] for p in values], dtype=float).reshape(-1, 2)
+    ok = ~np.isnan(pts).any(axis=1)
+    if not ok.any():
+        return False
+    plt = _plt()
+    fig, axes = _panels(plt, 1, width=5.6, height=4.2)
+    ax = axes[0]
+    ax.scatter(pts[ok, 0], pts[ok, 1], s=18, color="#1f77b4", label="trial")
+    on = sorted(front, key=lambda i: (pts[i, 0], pts[i, 1]))
+    if on:
+        ax.plot(pts[on, 0], pts[on, 1], "-o", color="#d62728", ms=7, lw=1.2, label="Pareto front")
+        if labels is not None:  # equal points share one label: "#1, #2"
+            at: dict[tuple[float, float], list[str]] = {}
+            for i in on:
+                at.setdefault((pts[i, 0], pts[i, 1]), []).append(str(labels[i]))
+            for (x, y), names_here in at.items():
+                ax.annotate(", ".join(names_here), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    arrow = {"maximize": "higher is better", "minimize": "lower is better"}
+    ax.set_xlabel(f"{names[0]} ({arrow.get(str(directions[0]).lower(), directions[0])})")
+    ax.set_ylabel(f"{names[1]} ({arrow.get(str(directions[1]).lower(), directions[1])})")
+    ax.set_title("one point per COMPLETE trial; red: Pareto-optimal", fontsize=8)
+    ax.legend(loc="best", fontsize=7)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def _histories(rows: pd.DataFrame) -> dict[str, list[dict]]:

@@ -29,7 +29,9 @@ from proxyattention.analysis.figures import (
     figure_bars,
     figure_curves,
     figure_hyperparameters,
+    figure_pareto,
     figure_search,
+    pareto_front,
 )
 from proxyattention.analysis.maps import attention_grid, map_pairs
 from proxyattention.analysis.stats import (
@@ -453,7 +455,9 @@ GRID_SWEEPERS = ("CellSweeper", "BasicSweeper")
 
 def _search_section(df: pd.DataFrame, sweep: Path, out: Path) -> list[str]:
     """For a sweep run by an adaptive sweeper (Optuna, …; read from its ``multirun.yaml``): the trials,
-    the best one by the objective the sweeper maximised, and the objective against each searched key."""
+    the best one by the objective the sweeper maximised, and the objective against each searched key. A
+    two-objective study (``directions`` of two) has no single best trial: its Pareto front instead, a figure
+    and a table (:func:`_pareto_section`)."""
     import yaml
 
     try:
@@ -465,24 +469,147 @@ def _search_section(df: pd.DataFrame, sweep: Path, out: Path) -> list[str]:
     if not target or target.endswith(GRID_SWEEPERS):
         return []
     keys = [str(k) for k in (sweeper.get("params") or {})]
-    objective = (hydra_cfg.get("launcher") or {}).get("objective") or "val/acc_best"
-    objective = str(objective if isinstance(objective, str) else objective[0])  # two objectives: the first
+    launcher = hydra_cfg.get("launcher") or {}
+    objectives = launcher.get("objective") or "val/acc_best"
+    objectives = [str(objectives)] if isinstance(objectives, str) else [str(o) for o in objectives]
+    objective = objectives[0]  # two objectives: the first for the figure against each key
     direction = sweeper.get("directions") or sweeper.get("direction") or "maximize"
-    lowest = str(direction if isinstance(direction, str) else direction[0]).lower() == "minimize"
+    directions = [str(direction)] if isinstance(direction, str) else [str(d) for d in direction]
+    lowest = directions[0].lower() == "minimize"
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    saw = " and ".join(f"`{o}`" for o in objectives)
     md = ["", "## Search", "", f"An adaptive sweep (`{target.rsplit('.', 1)[-1]}`): {len(proxy)} DONE trials, "
-          f"each a cell; the sweeper saw `{objective}` (validation, so the test numbers below were not used "
+          f"each a cell; the sweeper saw {saw} (validation, so the test numbers below were not used "
           "to choose)."]
-    if objective in proxy and not proxy.empty:
+    record = _study_record(sweep)
+    if record and len(record.get("directions") or []) == 2:  # the study's own word wins over multirun.yaml
+        objectives, directions = list(record.get("objective") or objectives), list(record["directions"])
+    pareto: list[str] = []
+    if len(objectives) == 2 and len(directions) == 2:  # no single best trial: the Pareto front instead
+        gain = bool(record.get("objective_vs_baseline") if record else launcher.get("objective_vs_baseline"))
+        pareto = _pareto_section(df, sweep, out, record, objectives, directions, keys, gain)
+    elif objective in proxy and not proxy.empty:
         values = proxy[objective].astype(float)
         best = proxy.loc[values.idxmin() if lowest else values.idxmax()]
         chosen = ", ".join(f"`{k}={best[k]:.4g}`" if isinstance(best[k], float) else f"`{k}={best[k]}`"
                            for k in keys if k in best)
         md.append(f"Best trial: cell `{best['cell_id']}`, {chosen}: `{objective}` {float(best[objective]):.4f}, "
                   f"`test/acc` {float(best['test/acc']):.4f}.")
-    drawn = figure_search(df, keys, out / "figures" / "search.png", objective)
+    drawn = figure_search(df, keys, out / "figures" / "search.png", objective, minimize=lowest)
     if drawn:
         md += ["", f"![{objective} against {', '.join(drawn)}](figures/search.png)"]
+    return md + pareto
+
+
+STUDY_FILE = "study.json"  # written into the sweep folder by launcher.optuna_sweeper
+PARETO_FIGURE = "search_pareto.png"
+
+
+def _study_record(sweep: Path) -> Optional[dict]:
+    """The sweep folder's ``study.json`` (the study's name, storage, directions, objective), or None."""
+    import json
+
+    try:
+        d = json.loads((sweep / STUDY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("name"), str) else None
+
+
+def _trials_from_study(sweep: Path, record: Optional[dict]) -> Optional[list[dict]]:
+    """Every COMPLETE trial of the persisted study, read with optuna: ``[{"trial", "cell", "values",
+    "params"}]``; None when optuna is not installed or the study cannot be opened (then the cells say)."""
+    if not record or not record.get("storage"):
+        return None
+    try:
+        import optuna
+        from optuna.trial import TrialState
+    except ImportError:
+        return None
+    storage: Any = str(record["storage"])
+    try:
+        if record.get("storage_kind") == "journal":
+            path = Path(storage)
+            if not path.is_file() and (sweep / path.name).is_file():  # the sweep folder was moved
+                path = sweep / path.name
+            if not path.is_file():
+                return None
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(str(path)))
+        elif storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+            return None  # opening a missing SQLite file would create an empty study
+        study = optuna.load_study(study_name=record["name"], storage=storage)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    except Exception as e:  # a damaged or unreachable storage must not sink the report
+        log.warning("the study %s could not be read (%s); the Pareto front comes from the cells' results",
+                    record.get("name"), e)
+        return None
+    return [{"trial": t.number, "cell": t.user_attrs.get("cell"), "values": [float(v) for v in t.values],
+             "params": dict(t.params)} for t in trials if t.values is not None]
+
+
+def _trials_from_cells(df: pd.DataFrame, record: Optional[dict], names: Sequence[str], keys: Sequence[str],
+                       gain: bool) -> list[dict]:
+    """The trials as the cells give them (without optuna): each DONE proxy cell's objectives (minus its
+    paired baseline's with ``objective_vs_baseline``); trial numbers where ``study.json`` names the cell."""
+    numbers = {p.get("cell"): p.get("trial") for p in (record or {}).get("pareto_front") or []
+               if isinstance(p, dict) and p.get("cell")}
+    done = df[df["state"] == "DONE"]
+    by_id = done.set_index("cell_id")
+    out = []
+    for _, row in done[done["role"] == "proxy"].iterrows():
+        values = []
+        for name in names:
+            v = float(row[name]) if name in row and pd.notna(row[name]) else math.nan
+            if gain:
+                b = row.get("baseline_id")
+                base = by_id.loc[b] if isinstance(b, str) and b in by_id.index else None
+                v = v - float(base[name]) if base is not None and name in base and pd.notna(base[name]) else math.nan
+            values.append(v)
+        out.append({"trial": numbers.get(row["cell_id"]), "cell": row["cell_id"], "values": values,
+                    "params": {k: row[k] for k in keys if k in row and pd.notna(row[k])}})
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _pareto_section(df: pd.DataFrame, sweep: Path, out: Path, record: Optional[dict], names: Sequence[str],
+                    directions: Sequence[str], keys: Sequence[str], gain: bool) -> list[str]:
+    """A two-objective study: every COMPLETE trial's two values, the Pareto-optimal ones highlighted and
+    joined (``figures/search_pareto.png``) and listed in a table, best first by the first objective."""
+    trials = _trials_from_study(sweep, record)
+    source = "the persisted study"
+    if trials is None:
+        trials, source = _trials_from_cells(df, record, names, keys, gain), "the cells' results"
+    trials = [t for t in trials if not any(math.isnan(v) for v in t["values"])]
+    dirs = [d.lower() for d in directions]
+    what = " and ".join(f"`{n}` ({d}{', gain over the paired baseline' if gain else ''})"
+                        for n, d in zip(names, dirs))
+    md = ["", "### Pareto front", "", f"Two objectives: {what}. {len(trials)} COMPLETE trials (from {source})."]
+    if not trials:
+        return md
+    front = pareto_front([t["values"] for t in trials], dirs)
+    labels = [f"#{t['trial']}" if t["trial"] is not None else str(t["cell"])[:6] for t in trials]
+    if figure_pareto([t["values"] for t in trials], front, names, dirs, out / "figures" / PARETO_FIGURE, labels):
+        md += ["", f"![Pareto front of {names[0]} and {names[1]}](figures/{PARETO_FIGURE})"]
+    first_sign = -1.0 if dirs[0] == "maximize" else 1.0
+    rows = []
+    for i in sorted(front, key=lambda i: (first_sign * trials[i]["values"][0],
+                                          trials[i]["trial"] if trials[i]["trial"] is not None else -1)):
+        t = trials[i]
+        params = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in sorted(t["params"].items()))
+        rows.append(["—" if t["trial"] is None else t["trial"], f"`{t['cell']}`" if t["cell"] else "—",
+                     _fmt_value(t["values"][0]), _fmt_value(t["values"][1]), params or "—"])
+    md += ["", f"{len(front)} Pareto-optimal trial{'s' if len(front) != 1 else ''} (no other trial is at "
+           "least as good in both objectives and better in one):", "",
+           markdown_table(rows, ["trial", "cell", f"{names[0]} ({dirs[0][:3]})", f"{names[1]} ({dirs[1][:3]})",
+                                 "params"])]
     return md
 
 
