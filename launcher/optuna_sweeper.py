@@ -42,6 +42,13 @@ The sweep folder gets ``study.json`` (what ``python -m launcher.status`` shows: 
 storage and counts; :func:`read_study`) and ``optimization_results.yaml`` (the best trial, as Hydra's
 Optuna sweeper writes it). :func:`load_study` opens the study of a sweep folder.
 
+With ``hydra/launcher=slurm`` (or ``slurm_v100``) the command does not wait for results: it creates or
+opens the study, submits ``N`` worker jobs (``n_jobs``, else ``hydra.launcher.workers``) that each loop
+ask → run a cell → tell on the shared journal, and exits (:mod:`launcher.optuna_worker`; a worker's
+``--time`` is ``hydra.launcher.timeout_min``, covering the several cells it runs in turn). Re-issuing the
+command submits only the workers missing (none while they are queued or running, none for a complete
+study); ``python -m launcher.status DIR`` shows the study, refreshed by the workers after every trial.
+
 Nothing here imports optuna until a sweep starts (Hydra imports this module at every start).
 """
 
@@ -50,6 +57,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -588,6 +596,13 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         run = _StudyRun(self, sweep_dir, space, fixed, names, gain, directions, pruner, n_jobs,
                         poll_s=float(lcfg.get("heartbeat_s", 10.0) or 10.0))
+        from launcher import optuna_worker
+
+        if getattr(launcher, "backend", None) == "slurm":  # submit worker jobs and exit
+            return run.submit()
+        worker = os.environ.get(optuna_worker.WORKER_ENV)
+        if worker and not bool(lcfg.get("dry_run", False)):  # inside a worker job: loop ask, run, tell
+            return run.work(worker)
         if bool(lcfg.get("dry_run", False)):
             return run.dry_run()
         return run.run()
@@ -613,6 +628,7 @@ class _StudyRun:
         self._monitor: Optional[PruneMonitor] = None  # the last batch's
         self.interrupted: List[int] = []  # trials left RUNNING by an interruption (resumed by a re-issue)
         self.failures: List[str] = []
+        self.progress_source: ProgressSource = CellProgress()  # where the pruning monitor reads each epoch
 
     # --- the study -----------------------------------------------------------------------------------
 
@@ -715,13 +731,137 @@ class _StudyRun:
             sys.exit(code)
         return returns
 
-    def _loop(self, study: Any, returns: List[Any]) -> None:
-        from optuna.trial import Trial, TrialState
+    # --- Slurm: worker jobs on the shared study (launcher.optuna_worker) --------------------------------
+
+    def submit(self) -> Any:
+        """Create or open the study, submit the worker jobs it still needs, print them, return."""
+        import optuna
+
+        from launcher import optuna_worker, plugin
+        from launcher.slurm import SlurmOptions, SubmissionError
+
+        assert self.s.config is not None
+        opts = SlurmOptions.from_config(self.s.config.hydra.launcher)
+        argv = optuna_worker.worker_argv(self.s.config, self.sweep_dir, opts)
+        limit = (f"time limit {opts.timeout_min} min per worker (hydra.launcher.timeout_min: a worker runs "
+                 "several cells in turn)")
+        if opts.dry_run:  # writes nothing: the study is read if it exists
+            trials: List[Any] = []
+            if self._exists():
+                try:
+                    trials = optuna.load_study(study_name=self.name, storage=open_storage(self.kind, self.where)
+                                               ).get_trials(deepcopy=False)
+                except KeyError:
+                    trials = []
+            finished = sum(t.state.is_finished() for t in trials)
+            left = max(0, self.s.n_trials - finished)
+            n = min(self.n_jobs, left) if left else 0
+            print(f"dry run: the study {self.name!r} ({self.where}) has {finished} of its {self.s.n_trials} trials "
+                  f"finished; up to {n} worker job(s) would be submitted (hydra.sweeper.n_jobs or "
+                  f"hydra.launcher.workers, at most {opts.array_parallelism} at once), each looping ask, run a "
+                  f"cell, tell until the study has {self.s.n_trials} trials; {limit}; fewer if workers of this "
+                  "study are still queued or running")
+            print("each worker runs: python -m launcher " + " ".join(argv))
+            print(f"dry run: nothing submitted, nothing written; sweep folder: {self.sweep_dir}")
+            return []
+        new = not self._exists()
+        made = [p for p in (self.sweep_dir, *self.sweep_dir.parents) if not p.exists()][::-1]
+        study = self.open()
+        self.record(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() for t in trials)
+        try:
+            ids = optuna_worker.submit_workers(self.sweep_dir, opts, self.n_jobs, argv, finished=finished,
+                                               n_trials=self.s.n_trials)
+        except SubmissionError as e:
+            if new:
+                _remove_study(Path(self.where), self.sweep_dir / STUDY_FILE, made)
+            raise plugin.SweepError(str(e)) from None
+        if ids:
+            print(f"study {self.name!r}: {finished} of {self.s.n_trials} trials finished; submitted {len(ids)} "
+                  f"worker job(s) to Slurm: {', '.join(ids)} (at most {min(len(ids), opts.array_parallelism)} "
+                  f"at once; {limit})")
+        print(f"study storage: {self.where}" + (" (Optuna journal file)" if self.kind == "journal" else ""))
+        print(f"sweep folder: {self.sweep_dir}\nwatch: python -m launcher.status {self.sweep_dir}   "
+              f"(worker logs: {self.sweep_dir / 'slurm'})")
+        return []
+
+    def work(self, worker_id: str) -> Any:
+        """Inside a worker job: loop ask (or take over an abandoned RUNNING trial), run, tell."""
+        from launcher import optuna_worker, plugin
+
+        study = self.open()
+
+        def new_overrides(trial: Any) -> List[str]:
+            try:
+                return self.s.trial_overrides(trial, self.space, self.fixed)
+            except Exception as e:  # a custom search space that raises
+                raise plugin.SweepError(f"hydra.sweeper.custom_search_space: {e}") from None
+
+        def stop() -> bool:
+            failed = sum(st == "FAIL" for st in self.told.values())
+            if failed and failed / max(1, len(self.told)) > self.s.max_failure_rate:
+                print(f"worker {worker_id}: {failed} of its {len(self.told)} trials FAILED, more than "
+                      f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: it asks no more trials",
+                      file=sys.stderr)
+                return True
+            return plugin.EXIT_CODE == 130
+
+        loop = optuna_worker.WorkerLoop(
+            study=study, n_trials=self.s.n_trials, worker_id=worker_id,
+            lock=optuna_worker.lock_path(self.kind, self.where, self.sweep_dir), new_overrides=new_overrides,
+            run=lambda trial, overrides: self.run_one(study, trial, overrides), alive=optuna_worker.slurm_alive,
+            stop=stop, elsewhere=lambda t: _running_elsewhere(self.sweep_dir, t.user_attrs.get("cell")))
+        loop.loop()
+        record = self.record(study)
+        self._results_yaml(study)
+        self.launcher.print_summary()
+        print(closing_line(record))
+        if self.interrupted:
+            print(f"worker {worker_id} interrupted: trial(s) {', '.join(map(str, self.interrupted))} stay RUNNING "
+                  "in the study; another worker, or the workers of the same command issued again, resume them",
+                  file=sys.stderr)
+            sys.exit(130)
+        code = max(plugin.EXIT_CODE, 1 if self.failures else 0)
+        if code:
+            for line in self.failures:
+                print(line, file=sys.stderr)
+            sys.exit(code)
+        return []
+
+    def run_one(self, study: Any, trial: Any, overrides: List[str]) -> Optional[str]:
+        """Run one trial's cell(s) and tell the study; the state told, or None when interrupted (the
+        trial stays RUNNING)."""
+        from optuna.trial import TrialState
 
         from launcher import plugin
 
+        self.record(study)  # launcher.status: the trial shows RUNNING while its cell runs
+        try:
+            rets = self._launch(study, [(trial, overrides)])
+        except plugin.SweepError as e:  # refused before it ran: the trial can never run as it is
+            trial.set_user_attr("refused", str(e))
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        attrs = study.get_trials(deepcopy=False)[trial.number].user_attrs
+        if plugin.EXIT_CODE == 130 and (_unfinished(self.sweep_dir, attrs.get("cell"))
+                                        or _unfinished(self.sweep_dir, attrs.get("baseline"))):
+            self.interrupted.append(trial.number)
+            return None
+        self._tell(study, trial, rets[0])
+        self.record(study)
+        return self.told.get(trial.number)
+
+    def _loop(self, study: Any, returns: List[Any]) -> None:
+        from optuna.trial import Trial, TrialState
+
+        from launcher import optuna_worker, plugin
+
         resume = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get(optuna_worker.WORKER_ATTR)
+            if worker is not None and optuna_worker.slurm_alive(str(worker)):
+                continue  # a Slurm worker job of this study runs it (launcher.optuna_worker)
             overrides = t.user_attrs.get("overrides")
             if not overrides:  # asked, never given its parameters: nothing to resume
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -779,7 +919,7 @@ class _StudyRun:
         from proxyattention import cellstate
 
         single = len(self.directions) == 1
-        monitor = PruneMonitor(CellProgress(), self.names[0], prune=self.pruner is not None, poll_s=self.poll_s)
+        monitor = PruneMonitor(self.progress_source, self.names[0], prune=self.pruner is not None, poll_s=self.poll_s)
 
         def on_plan(plan: Any) -> None:
             records = {c.id: c.record for c in plan.cells}

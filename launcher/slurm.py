@@ -21,6 +21,10 @@
    starts, so a task that starts at once never waits for the later arrays); prints the job ids, returns.
 
 Nothing stays alive on the login node. ``python -m launcher.status SWEEP_DIR`` shows what Slurm says.
+An Optuna study (``hydra/sweeper=optuna``, e.g. ``+sweep=optuna_proxy``) is not planned here: its sweeper
+submits worker jobs that ask, run and tell on the shared study themselves (:mod:`launcher.optuna_worker`,
+:func:`launcher.optuna_worker.submit_workers`: one array of ``hydra.launcher.workers`` jobs with these
+same options, ``timeout_min`` being each worker's time limit, at most ``array_parallelism`` at once).
 The options are :class:`SlurmOptions` (``hydra.launcher.*``, profiles in ``conf/hydra/launcher/``).
 
 **The cap.** ``array_parallelism`` bounds the cells of one submit command running at once, over all its
@@ -116,6 +120,9 @@ class SlurmOptions:
     list_rows: int = 60  # rows of a dry run's listing (0: every cell)
     objective: str = "val/acc_best"  # what a job returns to an adaptive sweeper (launcher.objective)
     objective_vs_baseline: bool = False
+    # An Optuna study (hydra/sweeper=optuna): how many worker jobs loop ask, run a cell, tell on it
+    # (hydra.sweeper.n_jobs wins when set); timeout_min is then each worker's --time (launcher.optuna_worker).
+    workers: int = 1
 
     @property
     def wants_gpu(self) -> bool:
@@ -136,7 +143,7 @@ class SlurmOptions:
                 kw[k] = v
         opts = cls(**kw)
         Rerun.parse(opts.rerun)
-        for name in ("timeout_min", "cpus_per_task", "array_parallelism"):
+        for name in ("timeout_min", "cpus_per_task", "array_parallelism", "workers"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"hydra.launcher.{name}={getattr(opts, name)} must be >= 1")
         if opts.max_array_size is not None and opts.max_array_size < 1:
@@ -531,16 +538,12 @@ class SlurmSubmitter:
 
 def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
     """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run, or saying why this
-    launch cannot: an adaptive sweeper (it needs each batch's results, and this backend submits and
-    exits), or no Slurm on this machine (a dry run needs neither)."""
+    launch cannot: no Slurm on this machine (a dry run needs none). An adaptive sweeper is accepted: the
+    Optuna sweeper submits worker jobs that ask, run and tell on the shared study themselves
+    (:mod:`launcher.optuna_worker`)."""
     opts = SlurmOptions.from_config(launcher_cfg)
     if opts.dry_run:
         return
-    if adaptive:
-        raise ValueError("an adaptive sweeper (hydra/sweeper=optuna, ...) needs each batch's results before "
-                         "it picks the next, and hydra/launcher=slurm submits and exits: run it with "
-                         "hydra/launcher=local, e.g. inside an allocation (salloc/srun ... python -m launcher "
-                         "hydra/sweeper=optuna ... hydra.launcher.workers=N)")
     if shutil.which("sbatch") is None:
         raise ValueError("hydra/launcher=slurm needs Slurm, and this machine has no sbatch on its PATH: launch "
                          "from a machine of the cluster (a login node), or add hydra.launcher.dry_run=true to "

@@ -24,7 +24,9 @@ A sweep run by ``hydra/sweeper=optuna`` also shows its study (the sweep folder's
 by :mod:`launcher.optuna_sweeper` after each batch): ``"study": {"name", "storage", "storage_kind"
 ("journal": a journal file, open it with ``JournalStorage(JournalFileBackend(storage))``; "rdb": a URL
 ``optuna.load_study`` takes as it is), "directions", "objective", "n_trials", "trials", "complete",
-"pruned", "failed", "running", "best_value", "best_params", "best_trial", "best_cell", …}``.
+"pruned", "failed", "running", "best_value", "best_params", "best_trial", "best_cell", …}``; a study run by
+Slurm worker jobs (:mod:`launcher.optuna_worker`, refreshed by every worker after each trial) also has
+``"workers": {"jobs", "live"}`` (the worker job ids, and those Slurm still has queued or running).
 """
 
 from __future__ import annotations
@@ -107,7 +109,14 @@ def _study(sweep_dir: Path) -> Optional[dict]:
         return None
     from launcher.optuna_sweeper import read_study
 
-    return read_study(sweep_dir)
+    study = read_study(sweep_dir)
+    if study is not None:
+        from launcher.optuna_worker import worker_summary
+
+        workers = worker_summary(Path(sweep_dir))  # a study on Slurm: its worker jobs, asked of Slurm
+        if workers is not None:
+            study["workers"] = workers
+    return study
 
 
 def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus],
@@ -149,6 +158,11 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
         from launcher.optuna_sweeper import closing_line
 
         out.append(closing_line(study))
+        workers = study.get("workers")
+        if workers:
+            live = workers["live"]
+            out.append(f"worker jobs: {len(workers['jobs'])} submitted, {len(live)} queued or running"
+                       + (f" ({', '.join(live)})" if live else ""))
     return "\n\n".join(out)
 
 
@@ -160,7 +174,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--stale-after", type=float, default=cellstate.DEFAULT_STALE_AFTER_S, metavar="S",
                     help="a RUNNING cell on another host silent for S seconds counts as interrupted")
     args = ap.parse_args(argv)
-    if not (args.sweep_dir / manifest.PLANS).is_dir() and not cellstate.cells_root(args.sweep_dir).is_dir():
+    if (not (args.sweep_dir / manifest.PLANS).is_dir() and not cellstate.cells_root(args.sweep_dir).is_dir()
+            and not (args.sweep_dir / "study.json").is_file()):  # a study whose workers have not started yet
         print(f"error: {args.sweep_dir} is not a sweep folder (it has no plans/ or cells/); the launcher "
               "prints the sweep folder at the end of every launch", file=sys.stderr)
         return 2
