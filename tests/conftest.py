@@ -79,4 +79,52 @@ def done_cell() -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture
+def trial_config() -> Callable[..., object]:
+    """``trial_config(threshold, weight=None, subset=None)``: a proxy trial's config (test_resnet, schedule
+    ``1,p,1``) for hand-made sweep folders."""
+    from omegaconf import OmegaConf
+
+    from proxyattention.config import TrialConfig
+
+    def make(threshold: float, weight: Optional[float] = None, subset: Optional[float] = None):
+        cfg = OmegaConf.structured(TrialConfig)
+        cfg.model.name = "test_resnet"
+        cfg.dataset.cache_dir = "/tmp/unused"
+        cfg.proxy.schedule, cfg.proxy.threshold = "1,p,1", threshold
+        if weight is not None:
+            cfg.proxy.weight = weight
+        if subset is not None:
+            cfg.proxy.subset = subset
+        cfg.explain.val_images = 16
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def trial_cell() -> Callable[..., str]:
+    """``trial_cell(sweep, cfg, metrics)``: a DONE cell of ``cfg`` in ``sweep/cells`` (``test/acc`` 0.7 unless
+    ``metrics`` says otherwise); returns its id."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from proxyattention.identity import cell_id
+
+    def make(sweep: Path, cfg, metrics: dict) -> str:
+        cid = cell_id(cfg)
+        d = sweep / "cells" / cid
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (d / "status.json").write_text(json.dumps({"state": "DONE", "attempts": 1, "error": None}))
+        (d / "result.json").write_text(json.dumps({
+            "status": "done", "trial_id": cid, "metrics": {"test/acc": 0.7, "test/loss": 0.5, **metrics},
+            "timing": {"total_s": 1.0}, "history": [], "run": {"target_layer": "layer3", "epochs": 2},
+            "data": {"split": "x"}}))
+        return cid
+
+    return make
+
+
 from fakecell import fake  # noqa: E402,F401  (the stand-in cell's launcher fixture, for every test file)

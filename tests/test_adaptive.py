@@ -439,3 +439,39 @@ def test_a_real_study_on_test_resnet_persists_and_reissues_nothing(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert (sweep / "report" / "figures" / "search.png").is_file()
     assert "## Search" in (sweep / "report" / "report.md").read_text()
+
+
+HYDRA_OPTUNA_SWEEPER_STYLE = """\
+# @package _global_
+# Written for hydra-optuna-sweeper 1.2/1.3, as its documentation shows: it runs unchanged.
+defaults:
+  - override /hydra/sweeper: optuna
+  - override /hydra/sweeper/sampler: tpe
+hydra:
+  sweeper:
+    sampler:
+      seed: 123
+    direction: maximize
+    study_name: written_for_the_plugin
+    storage: null
+    n_trials: 3
+    n_jobs: 1
+    max_failure_rate: 0.0
+    params:
+      proxy.threshold: range(0.1, 0.9, step=0.2)
+      proxy.weight: choice(0.5, 0.8)
+      proxy.subset: interval(0.5, 1.0)
+"""
+
+
+def test_a_saved_sweep_written_for_hydra_optuna_sweeper_runs_unchanged(fake, tmp_path):
+    configs = tmp_path / "my-configs" / "sweep"
+    configs.mkdir(parents=True)
+    (configs / "theirs.yaml").write_text(HYDRA_OPTUNA_SWEEPER_STYLE)
+    proc = fake("--config-dir", str(configs.parent), "+sweep=theirs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study, summary = study_of(fake.sweep)
+    assert summary["name"] == "written_for_the_plugin" and states(study) == ["COMPLETE"] * 3
+    for t in study.get_trials():
+        assert round(t.params["proxy.threshold"], 6) in (0.1, 0.3, 0.5, 0.7)  # range: stop excluded
+        assert t.params["proxy.weight"] in (0.5, 0.8) and 0.5 <= t.params["proxy.subset"] <= 1.0

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image
 
 from proxyattention.analysis.figures import pareto_front
 from proxyattention.analysis.report import PARETO_FIGURE, ReportConfig, build_report
-from proxyattention.config import TrialConfig
 from proxyattention.identity import baseline_of, cell_id
 
 # ------------------------------------------------------------------------------------------ the front
@@ -57,30 +55,8 @@ NAMES = ["val/acc_best", "val/explain/deletion"]
 DIRECTIONS = ["maximize", "minimize"]
 
 
-def _config(threshold: float):
-    cfg = OmegaConf.structured(TrialConfig)
-    cfg.model.name = "test_resnet"
-    cfg.dataset.cache_dir = "/tmp/unused"
-    cfg.proxy.schedule, cfg.proxy.threshold = "1,p,1", threshold
-    cfg.explain.val_images = 16
-    return cfg
-
-
-def _cell(sweep: Path, cfg, metrics: dict) -> str:
-    cid = cell_id(cfg)
-    d = sweep / "cells" / cid
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (d / "status.json").write_text(json.dumps({"state": "DONE", "attempts": 1, "error": None}))
-    (d / "result.json").write_text(json.dumps({
-        "status": "done", "trial_id": cid, "metrics": {"test/acc": 0.7, "test/loss": 0.5, **metrics},
-        "timing": {"total_s": 1.0}, "history": [], "run": {"target_layer": "layer3", "epochs": 2},
-        "data": {"split": "x"}}))
-    return cid
-
-
 @pytest.fixture
-def study_sweep(tmp_path):
+def study_sweep(tmp_path, trial_config, trial_cell):
     """A two-objective study of six COMPLETE trials (each a DONE cell), one PRUNED and one FAIL trial."""
     optuna = pytest.importorskip("optuna", minversion="4.0")
     from optuna.distributions import FloatDistribution
@@ -90,13 +66,13 @@ def study_sweep(tmp_path):
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    _cell(sweep, baseline_of(_config(0.2)), {"val/acc_best": 0.8, "val/explain/deletion": 0.4})
+    trial_cell(sweep, baseline_of(trial_config(0.2)), {"val/acc_best": 0.8, "val/explain/deletion": 0.4})
     journal = sweep / "optuna.journal"
     study = optuna.create_study(study_name="two", directions=DIRECTIONS,
                                 storage=JournalStorage(JournalFileBackend(str(journal))))
     dist = {"proxy.threshold": FloatDistribution(0.1, 0.9)}
     for thr, (acc, dele) in TRIALS.items():
-        cid = _cell(sweep, _config(thr), {"val/acc_best": acc, "val/explain/deletion": dele})
+        cid = trial_cell(sweep, trial_config(thr), {"val/acc_best": acc, "val/explain/deletion": dele})
         study.add_trial(create_trial(params={"proxy.threshold": thr}, distributions=dist, values=[acc, dele],
                                      user_attrs={"cell": cid}))
     study.add_trial(create_trial(params={"proxy.threshold": 0.8}, distributions=dist, state=TrialState.PRUNED))
@@ -124,7 +100,7 @@ def _pareto_rows(md: str) -> list[list[str]]:
     return rows
 
 
-def _check_report(sweep: Path, source: str) -> str:
+def _check_report(sweep: Path, source: str, trial_config) -> str:
     md = build_report(sweep, ReportConfig(maps=0)).read_text()
     assert "### Pareto front" in md and f"6 COMPLETE trials (from {source})" in md
     assert f"![Pareto front of val/acc_best and val/explain/deletion](figures/{PARETO_FIGURE})" in md
@@ -135,20 +111,20 @@ def _check_report(sweep: Path, source: str) -> str:
     assert [r[0] for r in rows] == [str(numbers[t]) for t in FRONT]
     assert [(float(r[2]), float(r[3])) for r in rows] == [TRIALS[t] for t in FRONT]
     assert [r[4] for r in rows] == [f"`proxy.threshold={t:.4g}`" for t in FRONT]
-    assert [r[1] for r in rows] == [f"`{cell_id(_config(t))}`" for t in FRONT]
+    assert [r[1] for r in rows] == [f"`{cell_id(trial_config(t))}`" for t in FRONT]
     assert "4 Pareto-optimal trials" in md
     return md
 
 
-def test_the_report_draws_the_pareto_front_of_a_two_objective_study(study_sweep):
-    _check_report(study_sweep, "the persisted study")
+def test_the_report_draws_the_pareto_front_of_a_two_objective_study(study_sweep, trial_config):
+    _check_report(study_sweep, "the persisted study", trial_config)
 
 
-def test_without_optuna_the_front_comes_from_the_cells(study_sweep, monkeypatch):
+def test_without_optuna_the_front_comes_from_the_cells(study_sweep, monkeypatch, trial_config):
     for name in [m for m in sys.modules if m == "optuna" or m.startswith("optuna.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
-    _check_report(study_sweep, "the cells' results")
+    _check_report(study_sweep, "the cells' results", trial_config)
 
 
 def test_a_single_objective_study_has_no_pareto_front(study_sweep):

@@ -1,6 +1,7 @@
 """The report's matplotlib figures: proxy vs baseline bars, accuracy against each proxy
-hyperparameter, validation-accuracy learning curves with the proxy steps marked, and a two-objective
-search's Pareto front (:func:`pareto_front` computes it).
+hyperparameter, validation-accuracy learning curves with the proxy steps marked, a search's optimisation
+history (:func:`figure_history`) and a two-objective search's Pareto front (:func:`pareto_front` computes
+it).
 
 matplotlib is imported (with the Agg backend) only when a figure is drawn.
 """
@@ -260,3 +261,56 @@ def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: di
     fig.savefig(path)
     plt.close(fig)
     return pairs
+
+
+def running_best(values: Sequence[float], minimize: bool = False) -> list[float]:
+    """The best value so far at each position (NaN ones skipped; NaN until the first value)."""
+    out, best = [], math.nan
+    for v in values:
+        if v is not None and not math.isnan(v):
+            best = v if math.isnan(best) else (min(best, v) if minimize else max(best, v))
+        out.append(best)
+    return out
+
+
+def figure_history(trials: Sequence[dict], path: Path, objective: str, minimize: bool = False) -> bool:
+    """A search's optimisation history: ``objective`` of each COMPLETE trial against its trial number, the
+    running best as a step line (the lowest so far with ``minimize``), PRUNED trials at their last reported
+    value (grey triangles), and PRUNED trials without one and FAIL trials as marks along the bottom.
+    ``trials``: ``[{"number", "state", "value", "last"}]`` (``last``: a PRUNED trial's last intermediate
+    value or None). Returns False (nothing drawn) without a COMPLETE trial."""
+    trials = sorted(trials, key=lambda t: t["number"])
+    complete = [t for t in trials if t["state"] == "COMPLETE" and t.get("value") is not None
+                and not math.isnan(t["value"])]
+    if not complete:
+        return False
+    plt = _plt()
+    fig, axes = _panels(plt, 1, width=6.0, height=3.8)
+    ax = axes[0]
+    x = [t["number"] for t in complete]
+    y = [float(t["value"]) for t in complete]
+    ax.scatter(x, y, s=20, color="#1f77b4", label="COMPLETE trial", zorder=3)
+    best = running_best(y, minimize)
+    ax.step(x, best, where="post", color="#ff7f0e", lw=1.5, label=f"best so far ({'min' if minimize else 'max'})")
+    pruned = [t for t in trials if t["state"] == "PRUNED" and t.get("last") is not None]
+    if pruned:
+        ax.scatter([t["number"] for t in pruned], [float(t["last"]) for t in pruned], s=24, marker="v",
+                   color="#7f7f7f", label="PRUNED (last reported value)", zorder=3)
+    bottom = [t for t in trials if t["state"] == "FAIL" or (t["state"] == "PRUNED" and t.get("last") is None)]
+    if bottom:
+        import matplotlib.transforms as mtransforms
+
+        low = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+        for state, marker, colour in (("FAIL", "x", "#d62728"), ("PRUNED", "v", "#7f7f7f")):
+            here = [t["number"] for t in bottom if t["state"] == state]
+            if here:
+                ax.scatter(here, [0.03] * len(here), transform=low, marker=marker, s=30, color=colour,
+                           label=f"{state} (no value)", clip_on=False, zorder=3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(f"{objective} ({'lower' if minimize else 'higher'} is better)")
+    ax.set_title("optimisation history", fontsize=9)
+    ax.legend(frameon=False, fontsize=7, loc="best")
+    fig.savefig(path)
+    plt.close(fig)
+    return True

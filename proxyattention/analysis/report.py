@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from proxyattention.analysis.figures import (
     MAX_PANELS,
     figure_bars,
     figure_curves,
+    figure_history,
     figure_hyperparameters,
     figure_pareto,
     figure_search,
@@ -48,6 +51,8 @@ from proxyattention.analysis.table import (
     ResultsError,
     check_tensorboard,
     config_labels,
+    float_digits,
+    fmt_param,
     load_results,
     results_csv_frame,
 )
@@ -256,14 +261,56 @@ def _table_dataset_model(df: pd.DataFrame, metric: str, level: float) -> tuple[s
     return table, pd.DataFrame(fig_rows)
 
 
-def _table_by(df: pd.DataFrame, param: str, metric: str, level: float) -> str:
-    """Thesis Tables 8.2–8.4: proxy cells by one hyperparameter, per dataset × model."""
+def _bins(df: pd.DataFrame, param: str) -> Optional[tuple[pd.DataFrame, dict[str, float], int]]:
+    """A searched numeric key with more than :data:`MAX_BY_ROWS` distinct values among the DONE proxy
+    cells, binned: ``(df with param replaced by each proxy cell's bin label, label → its lowest value,
+    distinct values)``. Quantile bins of the distinct values, at most MAX_BY_ROWS and about two values or
+    more each; each bin is labelled by the range of the values in it (``0.112–0.287``). None for a key to
+    show value by value."""
+    if param not in df.columns:
+        return None
+    proxy = df[df["role"] == "proxy"]
+    done = proxy.loc[proxy["state"] == "DONE", param]
+    if done.empty or not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                             for v in done.dropna()):
+        return None
+    values = np.unique(done.dropna().astype(float).to_numpy())
+    if len(values) <= MAX_BY_ROWS:
+        return None
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, min(MAX_BY_ROWS, len(values) // 2) + 1)))
+    digits = float_digits(pd.Series(values))
+
+    def index(v: float) -> int:
+        return int(min(max(np.searchsorted(edges, v, side="right") - 1, 0), len(edges) - 2))
+
+    members: dict[int, list[float]] = {}
+    for v in values:
+        members.setdefault(index(v), []).append(float(v))
+    names = {i: (f"{fmt_param(min(m), digits)}–{fmt_param(max(m), digits)}" if len(m) > 1
+                 else fmt_param(m[0], digits)) for i, m in members.items()}
+    binned = df.copy()
+    binned[param] = binned[param].astype(object)
+    numeric = proxy[param].map(lambda v: isinstance(v, (int, float, np.integer, np.floating))
+                               and not isinstance(v, bool) and not math.isnan(float(v)))
+    binned.loc[numeric[numeric].index, param] = [names.get(index(float(v)), "") for v in
+                                                 proxy.loc[numeric[numeric].index, param]]
+    return binned, {names[i]: min(m) for i, m in members.items()}, len(values)
+
+
+def _table_by(df: pd.DataFrame, param: str, metric: str, level: float,
+              order: Optional[dict[str, float]] = None) -> str:
+    """Thesis Tables 8.2–8.4: proxy cells by one hyperparameter, per dataset × model (``order``: the rows
+    of a binned key, label → sort key)."""
     by = ["dataset.name", "model.name", param]
     g = grouped_paired(df, by, metric, level)
     if g.empty:
         return "_No finished proxy cells._"
+    if order is not None:
+        g = g.assign(_order=g[param].map(order)).sort_values(["dataset.name", "model.name", "_order"])
     proxies = df[df["role"] == "proxy"]
-    rows = [[r["dataset.name"], r["model.name"], r[param], fmt_mean(r.acc_mean, r.acc_std, r.cells),
+    digits = float_digits(proxies.loc[proxies["state"] == "DONE", param]) if order is None else 3
+    rows = [[r["dataset.name"], r["model.name"], fmt_param(r[param], digits),
+             fmt_mean(r.acc_mean, r.acc_std, r.cells),
              fmt_diff(r.diff_mean, r.ci_lo, r.ci_hi), r.paired_seeds, r.note,
              _budget(_row_cells(proxies, **{"dataset.name": r["dataset.name"], "model.name": r["model.name"],
                                             param: r[param]}))]
@@ -451,58 +498,285 @@ def _figures_section(df: pd.DataFrame, labels: dict[str, str], bar_rows: pd.Data
 
 
 GRID_SWEEPERS = ("CellSweeper", "BasicSweeper")
+STUDY_FILE = "study.json"  # written into the sweep folder by launcher.optuna_sweeper
+PARETO_FIGURE = "search_pareto.png"
+HISTORY_FIGURE = "search_history.png"
+SEARCH_FIGURE = "search.png"
+MAX_BY_ROWS = 5  # a searched key with more distinct values than this is binned in its "By" table
+_SWEEP_CALL = re.compile(r"^\s*(interval|int|float|tag|choice|range|shuffle)\s*\(")
 
 
-def _search_section(df: pd.DataFrame, sweep: Path, out: Path) -> list[str]:
-    """For a sweep run by an adaptive sweeper (Optuna, …; read from its ``multirun.yaml``): the trials,
-    the best one by the objective the sweeper maximised, and the objective against each searched key. A
-    two-objective study (``directions`` of two) has no single best trial: its Pareto front instead, a figure
-    and a table (:func:`_pareto_section`)."""
+@dataclass
+class Search:
+    """An adaptive sweep, as its ``multirun.yaml``, ``study.json`` and persisted study describe it."""
+
+    target: str
+    keys: list[str]  # the sweeper's params, searched or fixed
+    searched: list[str]  # the keys it searches: sweeps in params or on the command line, the study's own
+    objectives: list[str]
+    directions: list[str]
+    gain: bool  # objective_vs_baseline: each trial's value is its gain over the paired baseline
+    record: Optional[dict]  # study.json
+    study: Any = None  # the persisted optuna study, where optuna is installed and can open it
+    why_no_study: str = ""
+
+    @property
+    def minimize(self) -> bool:
+        return self.directions[0].lower() == "minimize"
+
+
+def _sweep_keys(lines: Sequence[str]) -> list[str]:
+    """The keys of ``KEY=VALUE`` override lines that are sweeps (``interval(…)``, ``choice(…)``,
+    ``range(…)``, ``a,b``), read as Hydra reads them: what an adaptive sweeper searches. A later plain line
+    for the same key fixes it again; ``hydra.*`` keys are never searched."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser: Any = OverridesParser.create()
+    except ImportError:
+        parser = None
+    found: dict[str, bool] = {}
+    for line in lines:
+        key, eq, value = line.partition("=")
+        if not eq:
+            continue
+        try:
+            o = parser.parse_override(line)
+            key, swept = str(o.key_or_group), bool(o.is_sweep_override())
+        except Exception:  # no Hydra, or a line it cannot parse: the plain shapes of a sweep
+            key = key.lstrip("+~")
+            swept = bool(_SWEEP_CALL.match(value)) or ("," in value and value.strip()[:1] not in "'\"[{")
+        if key.startswith("hydra.") or "." not in key:
+            continue
+        found[key] = swept
+    return [k for k, s in found.items() if s]
+
+
+def _search_of(sweep: Path) -> Optional[Search]:
+    """The adaptive sweep of a sweep folder (from its ``multirun.yaml``; the study's own ``study.json``
+    wins on objectives and directions), or None for a grid sweep or a folder without ``multirun.yaml``."""
     import yaml
 
     try:
         hydra_cfg = (yaml.safe_load((sweep / "multirun.yaml").read_text()) or {}).get("hydra", {})
-    except (OSError, yaml.YAMLError):
-        return []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(hydra_cfg, dict):
+        return None
     sweeper = hydra_cfg.get("sweeper") or {}
     target = str(sweeper.get("_target_", ""))
     if not target or target.endswith(GRID_SWEEPERS):
-        return []
-    keys = [str(k) for k in (sweeper.get("params") or {})]
+        return None
+    params = sweeper.get("params") or {}
+    task = (hydra_cfg.get("overrides") or {}).get("task") or []
+    searched = _sweep_keys([f"{k}={v}" for k, v in params.items()] + [str(t) for t in task])
     launcher = hydra_cfg.get("launcher") or {}
     objectives = launcher.get("objective") or "val/acc_best"
     objectives = [str(objectives)] if isinstance(objectives, str) else [str(o) for o in objectives]
-    objective = objectives[0]  # two objectives: the first for the figure against each key
     direction = sweeper.get("directions") or sweeper.get("direction") or "maximize"
     directions = [str(direction)] if isinstance(direction, str) else [str(d) for d in direction]
-    lowest = directions[0].lower() == "minimize"
+    record = _study_record(sweep)
+    if record and record.get("directions"):  # the study's own word wins over multirun.yaml
+        directions = [str(d) for d in record["directions"]]
+        objectives = [str(o) for o in (record.get("objective") or objectives)]
+    gain = bool(record.get("objective_vs_baseline") if record else launcher.get("objective_vs_baseline"))
+    study, why = _open_study(sweep, record)
+    if study is not None:
+        for t in study.get_trials(deepcopy=False):
+            searched += [k for k in t.distributions if k not in searched]
+    return Search(target, [str(k) for k in params], sorted(set(searched)), objectives, directions, gain,
+                  record, study, why)
+
+
+def _search_section(df: pd.DataFrame, sweep: Path, out: Path, search: Optional[Search] = None,
+                    metric: str = "test/acc", level: float = 0.95) -> list[str]:
+    """For a sweep run by an adaptive sweeper (Optuna, …; read from its ``multirun.yaml``): the study's
+    trials by state, the optimisation history (``figures/search_history.png``), the parameter importances,
+    the best trial by the objective the sweeper optimised (validation) with its paired baseline and the
+    paired Δ, and the objective against each searched key. A two-objective study (``directions`` of two)
+    has no single best trial: its Pareto front instead, a figure and a table (:func:`_pareto_section`)."""
+    search = search if search is not None else _search_of(sweep)
+    if search is None:
+        return []
+    objectives, directions = search.objectives, search.directions
+    objective = objectives[0]  # two objectives: the first for the history and the figure against each key
     proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
     saw = " and ".join(f"`{o}`" for o in objectives)
-    md = ["", "## Search", "", f"An adaptive sweep (`{target.rsplit('.', 1)[-1]}`): {len(proxy)} DONE trials, "
-          f"each a cell; the sweeper saw {saw} (validation, so the test numbers below were not used "
-          "to choose)."]
-    record = _study_record(sweep)
-    if record and len(record.get("directions") or []) == 2:  # the study's own word wins over multirun.yaml
-        objectives, directions = list(record.get("objective") or objectives), list(record["directions"])
-    pareto: list[str] = []
+    what = f" searching {', '.join(f'`{k}`' for k in search.searched)}" if search.searched else ""
+    md = ["", "## Search", "", f"An adaptive sweep (`{search.target.rsplit('.', 1)[-1]}`){what}: {len(proxy)} "
+          f"DONE trials, each a cell; the sweeper saw {saw} (validation, so the test numbers below were not "
+          "used to choose)."]
+    history = _history_trials(search.study)
+    if history is not None:
+        counts = Counter(t["state"] for t in history)
+        asked = (search.record or {}).get("n_trials")
+        plural = "s" if len(history) != 1 else ""
+        md[-1] += (f" The study `{search.study.study_name}` holds {len(history)} trial{plural}"
+                   + (f" of the {asked} asked" if isinstance(asked, int) else "") + ": "
+                   + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: TRIAL_ORDER.get(kv[0], 9)))
+                   + ".")
+    md += _history_section(search, history, out)
+    md += _importances_section(search)
     if len(objectives) == 2 and len(directions) == 2:  # no single best trial: the Pareto front instead
-        gain = bool(record.get("objective_vs_baseline") if record else launcher.get("objective_vs_baseline"))
-        pareto = _pareto_section(df, sweep, out, record, objectives, directions, keys, gain)
-    elif objective in proxy and not proxy.empty:
-        values = proxy[objective].astype(float)
-        best = proxy.loc[values.idxmin() if lowest else values.idxmax()]
-        chosen = ", ".join(f"`{k}={best[k]:.4g}`" if isinstance(best[k], float) else f"`{k}={best[k]}`"
-                           for k in keys if k in best)
-        md.append(f"Best trial: cell `{best['cell_id']}`, {chosen}: `{objective}` {float(best[objective]):.4f}, "
-                  f"`test/acc` {float(best['test/acc']):.4f}.")
-    drawn = figure_search(df, keys, out / "figures" / "search.png", objective, minimize=lowest)
+        md += _pareto_section(df, sweep, out, search.record, objectives, directions, search.keys, search.gain,
+                              study=search.study)
+    else:
+        md += _best_section(df, search, history, metric, level)
+    drawn = figure_search(df, search.searched or search.keys, out / "figures" / SEARCH_FIGURE, objective,
+                          minimize=search.minimize)
     if drawn:
-        md += ["", f"![{objective} against {', '.join(drawn)}](figures/search.png)"]
-    return md + pareto
+        md += ["", "### Objective against each searched key", "",
+               f"![{objective} against {', '.join(drawn)}](figures/{SEARCH_FIGURE})"]
+    return md
 
 
-STUDY_FILE = "study.json"  # written into the sweep folder by launcher.optuna_sweeper
-PARETO_FIGURE = "search_pareto.png"
+TRIAL_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
+
+
+def _history_trials(study: Any) -> Optional[list[dict]]:
+    """Every trial of a study: ``[{"number", "state", "value" (the first objective's, or None), "last" (a
+    PRUNED trial's last intermediate value, or None), "cell", "params"}]``; None without a study."""
+    if study is None:
+        return None
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        values = t.values
+        value = float(values[0]) if values else None
+        steps = t.intermediate_values or {}
+        last = float(steps[max(steps)]) if steps and t.state.name == "PRUNED" else None
+        out.append({"number": t.number, "state": t.state.name, "value": value, "last": last,
+                    "cell": t.user_attrs.get("cell"), "params": dict(t.params)})
+    return out
+
+
+def _history_section(search: Search, history: Optional[list[dict]], out: Path) -> list[str]:
+    """The optimisation history figure, and the trials without a value (PRUNED, FAIL, …) listed."""
+    md = ["", "### Optimisation history", ""]
+    if history is None:
+        return md + [f"_No optimisation history: {search.why_no_study}._"]
+    objective = search.objectives[0]
+    if figure_history(history, out / "figures" / HISTORY_FIGURE, objective, minimize=search.minimize):
+        best = "lowest" if search.minimize else "highest"
+        md += [f"`{objective}` of each COMPLETE trial by trial number, and the {best} so far (line)"
+               + (" (a gain over the paired baseline)" if search.gain else "")
+               + (" (the first of the two objectives)" if len(search.objectives) > 1 else "") + ".", "",
+               f"![optimisation history of {objective}](figures/{HISTORY_FIGURE})"]
+    else:
+        md.append(f"_No optimisation history yet: no COMPLETE trial with a value of `{objective}`._")
+    others = [t for t in history if t["state"] != "COMPLETE"]
+    if others:
+        def one(t: dict) -> str:
+            cell = f", cell `{t['cell']}`" if t["cell"] else ""
+            last = f", last reported {t['last']:.4f}" if t["last"] is not None else ""
+            return f"{t['number']} ({t['state']}{cell}{last})"
+
+        md += ["", "Trials without a value (marked in the figure along the bottom, or at their last reported "
+               "value): " + "; ".join(one(t) for t in sorted(others, key=lambda t: t["number"])) + "."]
+    return md
+
+
+def _importances_section(search: Search) -> list[str]:
+    """fANOVA parameter importances of the persisted study (one column per objective), or one line on
+    why there are none."""
+    md = ["", "### Parameter importances", ""]
+    if search.study is None:
+        return md + [f"_No parameter importances: {search.why_no_study}._"]
+    from optuna.trial import TrialState
+
+    complete = search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    distinct = {tuple(sorted((k, repr(v)) for k, v in t.params.items())) for t in complete}
+    if len(complete) < 2 or len(distinct) < 2:
+        return md + [f"_No parameter importances: they need at least 2 COMPLETE trials with different "
+                     f"parameters ({len(complete)} COMPLETE, {len(distinct)} distinct parameter set"
+                     f"{'s' if len(distinct) != 1 else ''})._"]
+    n = len(search.study.directions)
+    columns = []
+    try:
+        from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+        for i in range(n):
+            target = None if n == 1 else (lambda t, i=i: t.values[i])
+            columns.append(get_param_importances(search.study, evaluator=FanovaImportanceEvaluator(seed=0),
+                                                 target=target))
+    except Exception as e:  # optuna's own refusal (too few trials, a dynamic space, …)
+        return md + [f"_No parameter importances: optuna could not compute them ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})._"]
+    names = sorted(set().union(*columns), key=lambda p: (-float(columns[0].get(p, 0.0)), p))
+    rows = [[f"`{p}`"] + [f"{float(c.get(p, 0.0)):.3f}" for c in columns] for p in names]
+    header = ["parameter"] + [f"importance for `{o}`" for o in search.objectives[:n]]
+    return md + [f"fANOVA importances (`optuna.importance`, seed 0) over the {len(complete)} COMPLETE trials: "
+                 "the share of the objective's variance each parameter explains (each column sums to 1). With "
+                 "few trials they are a rough guide.", "", markdown_table(rows, header)]
+
+
+def _best_section(df: pd.DataFrame, search: Search, history: Optional[list[dict]], metric: str,
+                  level: float) -> list[str]:
+    """The best trial by the (validation) objective, direction-aware, with its searched parameters, its
+    ``metric`` beside its paired baseline's, and the paired Δ with its interval over seeds."""
+    objective = search.objectives[0]
+    md = ["", "### Best trial", ""]
+    proxy = df[(df["state"] == "DONE") & (df["role"] == "proxy")]
+    sign = 1.0 if search.minimize else -1.0
+    best, number, value = None, None, math.nan
+    if history is not None:  # the study's own values (a gain, with objective_vs_baseline)
+        ranked = sorted((t for t in history if t["state"] == "COMPLETE" and t["value"] is not None
+                         and not math.isnan(t["value"])), key=lambda t: (sign * t["value"], t["number"]))
+        for t in ranked:
+            here = proxy[proxy["cell_id"] == t["cell"]]
+            if len(here):
+                best, number, value = here.iloc[0], t["number"], t["value"]
+                break
+    if best is None and objective in proxy and proxy[objective].notna().any():
+        values = proxy[objective].astype(float)
+        best = proxy.loc[values.idxmin() if search.minimize else values.idxmax()]
+        value = float(best[objective])
+        record = search.record or {}
+        number = record.get("best_trial") if record.get("best_cell") == best["cell_id"] else None
+    if best is None:
+        return md + [f"_No DONE trial with a value of `{objective}` yet._"]
+    n_complete = sum(t["state"] == "COMPLETE" for t in history) if history is not None else len(proxy)
+    keys = [k for k in (search.searched or search.keys) if k in best.index]
+    chosen = ", ".join(f"`{k}={fmt_param(best[k])}`" for k in keys)
+    trial = f"trial {number}, " if number is not None else ""
+    better = "lowest" if search.minimize else "highest"
+    gain = " (gain over its paired baseline)" if search.gain and history is not None else ""
+    md.append(f"Best trial ({better} `{objective}`{gain}, a validation metric, among {n_complete} COMPLETE "
+              f"trials): {trial}cell `{best['cell_id']}`" + (f", {chosen}" if chosen else "")
+              + f": `{objective}` {value:.4f}.")
+    md.append("")
+    md.append(_best_versus_baseline(df, best, metric, level, n_complete))
+    return md
+
+
+def _best_versus_baseline(df: pd.DataFrame, best: pd.Series, metric: str, level: float, tried: int) -> str:
+    """One line: the best configuration's ``metric``, its paired baseline's, and the paired Δ with its
+    interval over seeds (:func:`paired_summary`, as every proxy-vs-baseline number of the report);
+    ``tried``: the trials it was chosen among."""
+    summary = paired_summary(df, metric, level)
+    s = summary[summary["config_id"] == best["config_id"]]
+    if s.empty:
+        return f"Its `{metric}`: not recorded."
+    s = s.iloc[0]
+    seeds = int(s.seeds)
+    line = f"Test: `{metric}` {fmt_mean(s.proxy_mean, s.proxy_std, seeds, digits=4)}"
+    if s.paired == 0:
+        state = best.get("baseline_state")
+        return line + (f"; no paired baseline result (its baseline `{best.get('baseline_id')}` is "
+                       f"{state if isinstance(state, str) else 'missing'}), so no Δ.")
+    line += (f", its paired baseline (same seed{'s' if s.paired > 1 else ''}) "
+             f"{fmt_mean(s.baseline_mean, s.baseline_std, int(s.paired), digits=4)}: "
+             f"Δ {fmt_diff(s.diff_mean, s.ci_lo, s.ci_hi, digits=4)}")
+    if s.paired >= 2 and not s.degenerate:
+        line += f" ({level:.0%} CI over {int(s.paired)} seeds, p = {_p(s.p)})."
+    elif s.paired >= 2:
+        line += f" (all {int(s.paired)} differences equal: no interval)."
+    else:
+        line += (f"; no {level:.0%} interval: it needs this configuration trained with at least 2 seeds (a "
+                 "search trains one per trial; rerun these parameters with more `train.seed` values).")
+    if tried > 1:
+        line += (f" Chosen as the best of {tried} trials (on validation, not on this test split), this Δ is "
+                 "still optimistic.")
+    return line
 
 
 def _study_record(sweep: Path) -> Optional[dict]:
@@ -516,16 +790,17 @@ def _study_record(sweep: Path) -> Optional[dict]:
     return d if isinstance(d, dict) and isinstance(d.get("name"), str) else None
 
 
-def _trials_from_study(sweep: Path, record: Optional[dict]) -> Optional[list[dict]]:
-    """Every COMPLETE trial of the persisted study, read with optuna: ``[{"trial", "cell", "values",
-    "params"}]``; None when optuna is not installed or the study cannot be opened (then the cells say)."""
-    if not record or not record.get("storage"):
-        return None
+def _open_study(sweep: Path, record: Optional[dict]) -> tuple[Any, str]:
+    """``(study, "")``: the persisted study named by ``study.json``, opened with optuna; or ``(None, why)``
+    when there is no record, optuna is not installed, or the storage is missing or cannot be read."""
+    if not record:
+        return None, f"the sweep folder has no readable {STUDY_FILE} naming the study"
+    if not record.get("storage"):
+        return None, f"{STUDY_FILE} names no storage"
     try:
         import optuna
-        from optuna.trial import TrialState
     except ImportError:
-        return None
+        return None, "optuna is not installed (pip install -e '.[optuna]'), so the study cannot be read"
     storage: Any = str(record["storage"])
     try:
         if record.get("storage_kind") == "journal":
@@ -533,19 +808,30 @@ def _trials_from_study(sweep: Path, record: Optional[dict]) -> Optional[list[dic
             if not path.is_file() and (sweep / path.name).is_file():  # the sweep folder was moved
                 path = sweep / path.name
             if not path.is_file():
-                return None
+                return None, f"the study's journal {path} is missing"
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalFileBackend
 
             storage = JournalStorage(JournalFileBackend(str(path)))
         elif storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
-            return None  # opening a missing SQLite file would create an empty study
-        study = optuna.load_study(study_name=record["name"], storage=storage)
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return None, f"the study's database {storage} is missing"  # opening it would create an empty one
+        return optuna.load_study(study_name=record["name"], storage=storage), ""
     except Exception as e:  # a damaged or unreachable storage must not sink the report
-        log.warning("the study %s could not be read (%s); the Pareto front comes from the cells' results",
+        log.warning("the study %s could not be read (%s); the search section uses the cells' results",
                     record.get("name"), e)
+        return None, f"the study could not be read ({type(e).__name__})"
+
+
+def _trials_from_study(sweep: Path, record: Optional[dict], study: Any = None) -> Optional[list[dict]]:
+    """Every COMPLETE trial of the persisted study, read with optuna: ``[{"trial", "cell", "values",
+    "params"}]``; None when optuna is not installed or the study cannot be opened (then the cells say)."""
+    if study is None:
+        study, _ = _open_study(sweep, record)
+    if study is None:
         return None
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return [{"trial": t.number, "cell": t.user_attrs.get("cell"), "values": [float(v) for v in t.values],
              "params": dict(t.params)} for t in trials if t.values is not None]
 
@@ -574,16 +860,17 @@ def _trials_from_cells(df: pd.DataFrame, record: Optional[dict], names: Sequence
 
 
 def _fmt_value(v: Any) -> str:
+    """An objective's value: 4 decimals (accuracies), 4 significant digits for large values."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
-    return f"{v:.4g}"
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
 
 
 def _pareto_section(df: pd.DataFrame, sweep: Path, out: Path, record: Optional[dict], names: Sequence[str],
-                    directions: Sequence[str], keys: Sequence[str], gain: bool) -> list[str]:
+                    directions: Sequence[str], keys: Sequence[str], gain: bool, study: Any = None) -> list[str]:
     """A two-objective study: every COMPLETE trial's two values, the Pareto-optimal ones highlighted and
     joined (``figures/search_pareto.png``) and listed in a table, best first by the first objective."""
-    trials = _trials_from_study(sweep, record)
+    trials = _trials_from_study(sweep, record, study)
     source = "the persisted study"
     if trials is None:
         trials, source = _trials_from_cells(df, record, names, keys, gain), "the cells' results"
@@ -603,7 +890,7 @@ def _pareto_section(df: pd.DataFrame, sweep: Path, out: Path, record: Optional[d
     for i in sorted(front, key=lambda i: (first_sign * trials[i]["values"][0],
                                           trials[i]["trial"] if trials[i]["trial"] is not None else -1)):
         t = trials[i]
-        params = ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in sorted(t["params"].items()))
+        params = ", ".join(f"`{k}={fmt_param(v)}`" for k, v in sorted(t["params"].items()))
         rows.append(["—" if t["trial"] is None else t["trial"], f"`{t['cell']}`" if t["cell"] else "—",
                      _fmt_value(t["values"][0]), _fmt_value(t["values"][1]), params or "—"])
     md += ["", f"{len(front)} Pareto-optimal trial{'s' if len(front) != 1 else ''} (no other trial is at "
@@ -613,7 +900,8 @@ def _pareto_section(df: pd.DataFrame, sweep: Path, out: Path, record: Optional[d
     return md
 
 
-def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfig, out: Path) -> list[str]:
+def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfig, out: Path,
+                       search: Optional[Search] = None) -> list[str]:
     """The tables of ``rc.metric`` (by dataset and model, by each hyperparameter, every configuration),
     the explainability table and the figures."""
     metric = rc.metric
@@ -624,8 +912,20 @@ def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfi
           "\"all configs\" pools every proxy configuration (Δ averaged per seed first); \"best\" is the "
           "configuration with the highest mean final validation accuracy (chosen without the test set).", "",
           table]
-    for param in ("proxy.schedule", *HYPERPARAMETERS):
-        md += ["", f"## By {param.split('.')[-1]}", "", _table_by(df, param, metric, rc.level)]
+    searched = search.searched if search is not None else []
+    for param in ("proxy.schedule", *HYPERPARAMETERS, *[k for k in searched if k not in HYPERPARAMETERS]):
+        if param not in df.columns:
+            continue
+        md += ["", f"## By {param.split('.')[-1]}", ""]
+        binned = _bins(df, param) if param in searched else None
+        if binned is None:
+            md.append(_table_by(df, param, metric, rc.level))
+            continue
+        frame, order, n = binned
+        md += [f"`{param}` was searched: its {n} values are grouped into {len(order)} quantile bins, each "
+               "labelled by the range of the trial values in it; each trial's own value is in the Search "
+               f"section's figure (`figures/{SEARCH_FIGURE}`).", "",
+               _table_by(frame, param, metric, rc.level, order)]
     md += ["", "## Every proxy configuration, paired with its baseline", "",
            _table_configs(df, labels, metric, rc.level)]
     explain = _table_explain(df, labels, rc.level)
@@ -682,7 +982,8 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
         md.append("No cells yet (no cells/*/config.yaml).")
         (out / "report.md").write_text("\n".join(md) + "\n")
         return out / "report.md"
-    labels = config_labels(df)
+    search = _search_of(sweep)
+    labels = config_labels(df, always=search.searched if search is not None else ())
     md += _states_section(df, labels)
     problems = df[df["problem"].astype(bool)] if "problem" in df else df.iloc[0:0]
     if not problems.empty:
@@ -692,8 +993,8 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
                f"order and epochs), with a {rc.level:.0%} Student-t interval over seeds. Notes flag a "
                f"missing baseline, fewer than {MIN_SEEDS} seeds, and intervals that contain 0 (no "
                f"evidence of a difference)."]
-    md += _search_section(df, sweep, out)
-    md += _accuracy_sections(df, labels, rc, out)
+    md += _search_section(df, sweep, out, search, rc.metric, rc.level)
+    md += _accuracy_sections(df, labels, rc, out, search)
     md += _maps_section(df, labels, rc, out)
     md += _refused_pairs(df)
     md += ["", "## Checks", ""] + _tb_section(df, rc.tb_check) + _devices_line(df) \

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -297,24 +297,55 @@ def varying_keys(rows: pd.DataFrame, prefixes: Optional[tuple[str, ...]] = None)
     return keys
 
 
-def config_labels(df: pd.DataFrame) -> dict[str, str]:
+def float_digits(values: pd.Series) -> int:
+    """The fewest significant digits, at least 3, that keep ``values``' distinct floats distinct."""
+    floats = {float(v) for v in values.dropna() if isinstance(v, float)}
+    for d in range(3, 18):
+        if len({f"{v:.{d}g}" for v in floats}) == len(floats):
+            return d
+    return 17
+
+
+def fmt_param(v: Any, digits: int = 3) -> str:
+    """A config value for a label or a table: a float with ``digits`` significant digits (``0.164``; an
+    integral float keeps its ``.0``), anything else as it is."""
+    if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
+        v = float(v)
+        if math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+            return repr(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def config_labels(df: pd.DataFrame, always: Sequence[str] = ()) -> dict[str, str]:
     """config_id → a short label of the keys that vary across the sweep (``proxy.threshold=0.4 …``).
 
     Shared keys (dataset, model, train) vary across all cells; proxy and method keys across the proxy
-    cells. Baselines read ``baseline`` plus their shared keys.
+    cells. Baselines read ``baseline`` plus their shared keys. ``always`` (a search's searched keys) are
+    in every label even where another key splits the cells the same way. Floats are rounded to 3
+    significant digits, more only where 3 would make two different values of a key read the same.
     """
     shared_groups = tuple(f"{g}." for g in GROUP_SCHEMAS if g not in ("proxy", "method"))
+    forced = [k for k in always if k in df.columns]
     shared = varying_keys(df, shared_groups)
+    shared += [k for k in forced if k.startswith(shared_groups) and k not in shared]
     proxy_rows = df[df["role"] == "proxy"]
     own = [k for k in varying_keys(proxy_rows, ("proxy.", "method.")) if k != "proxy.enabled"]
+    own += [k for k in forced if not k.startswith(shared_groups) and k not in own]
+    shared, own = sorted(shared), sorted(own)
+    digits = {**{k: float_digits(df[k]) for k in shared}, **{k: float_digits(proxy_rows[k]) for k in own}}
+
+    def part(k: str, v: Any) -> str:
+        return f"{k[:-5] if k in ('dataset.name', 'model.name') else k}={fmt_param(v, digits[k])}"
+
     labels = {}
     for config_id, g in df.groupby("config_id", sort=False):
         r = g.iloc[0]
-        parts = [f"{k[:-5] if k in ('dataset.name', 'model.name') else k}={r[k]}" for k in shared]
+        parts = [part(k, r[k]) for k in shared]
         if r["role"] == "baseline":
             labels[config_id] = " ".join(["baseline", *parts])
         else:
-            labels[config_id] = " ".join(parts + [f"{k}={r[k]}" for k in own]) or "proxy"
+            labels[config_id] = " ".join(parts + [part(k, r[k]) for k in own]) or "proxy"
     return labels
 
 
