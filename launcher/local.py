@@ -455,8 +455,9 @@ class LocalRunner:
         self.console.say(dry_run_listing(self.console, self.records, self.statuses, selected, self.opts.list_rows))
         from launcher.estimate import dry_run_estimate, local_gpu
 
-        self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store, gpu=local_gpu(self.gpus),
-                                          timeout_min=self.opts.timeout_min))
+        if any(r.role != "job" for r in self.records):  # trials (another app's jobs: no time estimate)
+            self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store,
+                                              gpu=local_gpu(self.gpus), timeout_min=self.opts.timeout_min))
         self.console.say(f"\ndry run: {len(selected)} of {len(self.records)} cells would run "
                          f"(hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0

@@ -233,8 +233,16 @@ class SweepLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         global EXIT_CODE
         from launcher import plan as planning
+        from launcher import taskcell
 
         assert self.config is not None
+        if not taskcell.is_trial_config(self.config):  # another Hydra app: its task function, as cells
+            try:
+                returns, code = taskcell.launch(self, job_overrides, initial_job_idx)
+            except taskcell.Refused as e:
+                raise SweepError(str(e)) from None
+            EXIT_CODE = max(EXIT_CODE, code)
+            return returns
         launcher_cfg = self.config.hydra.launcher
         backend = self.check_options()  # refused before anything is planned or written
         sweep_dir = Path(self.config.hydra.sweep.dir)

@@ -3,14 +3,17 @@
 Imported by Hydra's plugin scan at every start of any Hydra app, so it stays light: the classes are
 thin subclasses of :mod:`launcher.plugin`; planning and running are imported when a sweep launches.
 
-- ``LocalLauncher`` (``hydra/launcher=local``) runs cells as local subprocesses (launcher.local);
+- ``LocalLauncher`` (``hydra/launcher=local``) runs cells as local subprocesses (launcher.local); the
+  jobs of an app that is not this project's trial run its own task function (launcher.taskcell);
 - ``SlurmLauncher`` hands them to ``launcher.slurm`` (its ``run(sweep_dir, records, launcher_cfg)``);
 - ``CellSweeper`` (``hydra/sweeper=cells``) is Hydra's BasicSweeper without double composition;
 - ``OptunaSweeper`` (``hydra/sweeper=optuna``) runs an Optuna study whose trials are cells
   (launcher.optuna_sweeper; Optuna itself is imported when a study starts);
 - ``SavedSweeps`` puts the saved sweeps (the repository's ``sweeps/``, or their installed copy) on the
   config search path, so a saved sweep ``sweeps/sweep/<name>.yaml`` runs as ``python -m launcher -m
-  +sweep=<name>``.
+  +sweep=<name>``;
+- ``LauncherOptions`` makes ``hydra/launcher=local``, ``slurm`` and ``slurm_v100`` (``conf/hydra/launcher/``)
+  resolve from any other Hydra app of the environment.
 """
 
 from __future__ import annotations
@@ -51,6 +54,52 @@ class SavedSweeps(SearchPathPlugin):
         ours = any(str(e.path).rstrip("/").endswith(conf) for e in search_path.get_path())
         if ours:
             search_path.append(provider="proxyattention-sweeps", path=f"file://{sweeps}")
+
+
+def _ours(search_path: ConfigSearchPath) -> bool:
+    """Whether the app composes this project's config folder (a clone's ``conf/`` or the installed copy)."""
+    try:
+        conf = str(paths.conf_dir())
+    except FileNotFoundError:
+        return False
+    return any(str(e.path).rstrip("/").endswith(conf) for e in search_path.get_path())
+
+
+class LauncherOptions(SearchPathPlugin):
+    """``hydra/launcher=local``, ``slurm`` and ``slurm_v100`` for every other Hydra app of the environment.
+
+    The options are this project's ``conf/hydra/launcher/*.yaml`` (a clone's, or the installed copy), the
+    one source of their defaults: this project's apps read them from ``conf/``; for any other app they
+    are put in Hydra's ConfigStore as they are, when its search path is made (never for this project's
+    apps, where a file and a ConfigStore entry of the same name would clash)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        register_launcher_options(not _ours(search_path))
+
+
+def register_launcher_options(register: bool = True) -> None:
+    """Store (``register``) or remove the launcher options of ``conf/hydra/launcher/`` in the ConfigStore."""
+    import yaml
+    from hydra.core.config_store import ConfigStore
+
+    try:
+        files = sorted((paths.conf_dir() / "hydra" / "launcher").glob("*.yaml"))
+    except FileNotFoundError:
+        return
+    cs = ConfigStore.instance()
+    group = cs.repo.get("hydra", {}).get("launcher", {})
+    for f in files:
+        if not register:
+            group.pop(f.name, None)
+            continue
+        if f.name in group:
+            continue
+        try:
+            node = yaml.safe_load(f.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(node, dict):
+            cs.store(group="hydra/launcher", name=f.stem, node=node, provider="proxyattention")
 
 
 _plugin.register_configs()
