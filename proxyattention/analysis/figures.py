@@ -241,7 +241,8 @@ def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict
     ax.set_xlabel("epoch (dotted: proxy steps)")
     ax.set_ylabel("val/acc")
     ax.set_title(f"{ds} / {model}", fontsize=9)
-    ax.legend(frameon=False, fontsize=6, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # cells without a history draw no curve
+        ax.legend(frameon=False, fontsize=6, loc="lower right")
 
 
 def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: dict[str, str],
