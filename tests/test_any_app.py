@@ -30,6 +30,20 @@ def own_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     return store
 
 
+@pytest.fixture(autouse=True)
+def fresh_version_base():
+    """Hydra's suites expect what a fresh process has: no version base set (the 1.1 defaults, such as
+    ``hydra.job.chdir=true``). An earlier test in this process may have composed with version_base 1.3,
+    and jobs inherit their launcher's Hydra state."""
+    from hydra import version
+
+    base = version.VersionBase.instance()
+    saved = base.version_base
+    base.version_base = version._UNSPECIFIED_
+    yield
+    base.version_base = saved
+
+
 def test_discovery() -> None:
     names = [c.__name__ for c in Plugins.instance().discover(Launcher)]
     assert "LocalLauncher" in names and "SlurmLauncher" in names
