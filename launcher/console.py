@@ -46,6 +46,19 @@ def fmt_acc(status: CellStatus) -> str:
     return "-" if acc is None else f"{acc:.4f}"
 
 
+def result_column(records: Sequence[CellRecord]) -> str:
+    """The column a summary shows for its cells: ``test/acc`` for trials, ``return`` for another Hydra
+    app's jobs (role ``job``: the task function's numeric return value)."""
+    return "return" if records and all(r.role == "job" for r in records) else "test/acc"
+
+
+def fmt_result(status: CellStatus, column: str) -> str:
+    if column != "return":
+        return fmt_acc(status)
+    value = status.metrics.get("return_value")
+    return "-" if value is None else f"{value:.6g}"
+
+
 def fmt_state(status: CellStatus) -> str:
     """The state as the summary shows it: ``PRUNED (after epoch 2)`` for a pruned cell, else the state."""
     epoch = status.metrics.get("pruned/epoch")
@@ -140,11 +153,12 @@ class Console:
             # The cells that need attention first.
             order.sort(key=lambda r: statuses[r.id].state.settled)
         shown = order[:SUMMARY_ROWS]
+        column = result_column(records)
         rows = []
         for r in shown:
             s = statuses[r.id]
-            rows.append([r.id, self.label(r.id) or "-", fmt_state(s), fmt_acc(s), fmt_duration(s.duration_s)])
-        text = table(rows, ["cell", "overrides", "state", "test/acc", "time"])
+            rows.append([r.id, self.label(r.id) or "-", fmt_state(s), fmt_result(s, column), fmt_duration(s.duration_s)])
+        text = table(rows, ["cell", "overrides", "state", column, "time"])
         if len(order) > len(shown):
             text += f"\n… and {len(order) - len(shown)} more cells (python -m launcher.status {sweep_dir})"
         counts: dict[str, int] = {}

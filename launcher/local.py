@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 from launcher import manifest
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
-from launcher.console import Console, dry_run_listing, fmt_acc, fmt_duration
+from launcher.console import Console, dry_run_listing, fmt_duration, fmt_result, result_column
 from launcher.manifest import CellRecord, Claim, Rerun
 from launcher.objective import check_objective
 from proxyattention import cellstate, progress
@@ -249,7 +249,8 @@ class LocalRunner:
         self.statuses[cid] = status
         self._touched.add(cid)
         if status.state == CellState.DONE:
-            detail = f"test/acc {fmt_acc(status)}  {fmt_duration(status.duration_s)}"
+            column = result_column(self.records)
+            detail = f"{column} {fmt_result(status, column)}  {fmt_duration(status.duration_s)}"
         else:
             detail = error_headline(status.error)
             if status.state == CellState.FAILED:

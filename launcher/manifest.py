@@ -262,7 +262,7 @@ def tail(path: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 16384) -> s
     return "\n".join(kept[-lines:])
 
 
-SUMMARY_METRICS = ("test/acc", "val/acc_best", "proxy/images")
+SUMMARY_METRICS = ("test/acc", "val/acc_best", "proxy/images", "return_value")  # return_value: another app's job
 
 
 def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = False,

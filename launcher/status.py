@@ -121,12 +121,13 @@ def _study(sweep_dir: Path) -> Optional[dict]:
 
 def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus],
             error_lines: int = 6) -> str:
-    from launcher.console import distinguishing, fmt_acc, fmt_duration, table
+    from launcher.console import distinguishing, fmt_duration, fmt_result, result_column, table
 
     labels = distinguishing(records)
     running = {cid: progress.describe(p) for cid, p in running_progress(sweep_dir, records, statuses).items()}
     shown = any(running.values())  # the progress column, only while a running cell has written its progress
     rows, tails, pruned = [], [], []
+    column = result_column(records)
     for r in records:
         s = statuses[r.id]
         label = labels.get(r.id, "") or "-"
@@ -136,14 +137,14 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
                 " (orphaned)" if s.state == CellState.RUNNING and (s.error or "").startswith(cellstate.ORPHANED) else
                 " (missing)" if s.state == CellState.PENDING and s.error else "")
         state = s.state.value + note + (f" job {s.job_id}" if s.job_id else "")
-        rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_acc(s)]
+        rows.append([r.id, state, str(s.attempts), fmt_duration(s.duration_s), fmt_result(s, column)]
                     + ([running.get(r.id) or "-"] if shown else []) + [label])
         if s.state == CellState.PRUNED:
             pruned.append(f"{r.id}  {cellstate.error_headline(s.error) or 'pruned'}")
         elif s.error and s.state != CellState.DONE:
             lines = s.error.strip().splitlines()[-error_lines:]
             tails.append(f"{r.id} {s.state.value}:\n" + "\n".join("    " + ln for ln in lines))
-    text = table(rows, ["cell", "state", "attempts", "time", "test/acc"] + (["progress"] if shown else [])
+    text = table(rows, ["cell", "state", "attempts", "time", column] + (["progress"] if shown else [])
                  + ["overrides"])
     counts = ", ".join(f"{n} {st}" for st, n in counts_of(statuses).items() if n)
     out = [text]

@@ -104,6 +104,20 @@ def test_reissued_sweep_runs_nothing(tmp_path: Path) -> None:
     assert _runs(tmp_path) == {"x=1": 1, "x=2": 1, "x=3": 1, "x=4": 1}
 
 
+def test_summary_and_status_show_each_jobs_return_value(tmp_path: Path) -> None:
+    done = _sweep(tmp_path, "x=1,3", "scale=2.5")
+    assert done.returncode == 0, done.stderr
+    status = subprocess.run([sys.executable, "-m", "launcher.status", str(tmp_path / "sweep")],
+                            text=True, capture_output=True, timeout=120)
+    for out in (_summary(done.stdout), status.stdout):
+        header = next(line for line in out.splitlines() if line.startswith("cell "))
+        assert "return" in header.split() and "test/acc" not in header, out
+        rows = {line.split()[1] if "overrides" in header.split()[:2] else line.split()[-1]: line.split()
+                for line in out.splitlines() if line[:12].isalnum() and " DONE " in line}
+        assert rows["x=1"][header.split().index("return")] == "2.5", out
+        assert rows["x=3"][header.split().index("return")] == "7.5", out
+
+
 def test_interrupted_sweep_resumes_only_unfinished_jobs(tmp_path: Path) -> None:
     stopped = _sweep(tmp_path, "x=1,2,3,4", env={"STOP_AT": "3"})
     assert stopped.returncode != 0

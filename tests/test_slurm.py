@@ -640,8 +640,10 @@ def test_time_limit_requeues_and_resumes_or_ends_timeout(cluster, tmp_path):
     on, off = tmp_path / "requeue_on", tmp_path / "requeue_off"
     common = ("hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5")
     try:
-        # 60 epochs (> 75 s of training even on an idle core) cannot finish inside one minute.
-        launch(on, "proxy.schedule=60", *common, "hydra.launcher.max_requeues=10")
+        # 190 epochs (≈ 2 min of training on an idle core: 60 took 35 s) cannot finish inside one minute;
+        # the test only waits for the first resume and cancels the rest. (Not 200: the two sweeps would
+        # plan the same cell, which the store runs once.)
+        launch(on, "proxy.schedule=190", *common, "hydra.launcher.max_requeues=10")
         launch(off, "proxy.schedule=200", *common, "hydra.launcher.requeue=false")
         (cid_on,) = status(on)
         (cid_off,) = status(off)
