@@ -712,24 +712,31 @@ class _StudyRun:
             if new and not self.told:  # a refused first batch leaves no study behind
                 _remove_study(Path(self.where), self.sweep_dir / STUDY_FILE, made)
             raise
+        self._finish(study, "interrupted: trial(s) {} stay RUNNING in the study; run the same command again to "
+                            "resume them (as the same trials, their cells from their checkpoints)",
+                     f"error: not every trial of this command is COMPLETE or PRUNED ({len(self.failures)} FAIL; "
+                     "the summary above lists the cells); a FAIL trial counts toward hydra.sweeper.n_trials")
+        return returns
+
+    def _finish(self, study: Any, interrupted: str, failed: Optional[str] = None) -> None:
+        """The study's record and results, the summary and closing line; exit 130 when trials were
+        interrupted (``interrupted`` formatted with their numbers), else non-zero after a FAIL trial."""
+        from launcher import plugin
+
         record = self.record(study)
         self._results_yaml(study)
         self.launcher.print_summary()
         print(closing_line(record))
         if self.interrupted:
-            print(f"interrupted: trial(s) {', '.join(map(str, self.interrupted))} stay RUNNING in the study; run "
-                  "the same command again to resume them (as the same trials, their cells from their checkpoints)",
-                  file=sys.stderr)
+            print(interrupted.format(", ".join(map(str, self.interrupted))), file=sys.stderr)
             sys.exit(130)
         code = max(plugin.EXIT_CODE, 1 if self.failures else 0)
         if code:
             for line in self.failures:
                 print(line, file=sys.stderr)
-            print(f"error: not every trial of this command is COMPLETE or PRUNED ({len(self.failures)} FAIL; the "
-                  "summary above lists the cells); a FAIL trial counts toward hydra.sweeper.n_trials",
-                  file=sys.stderr)
+            if failed:
+                print(failed, file=sys.stderr)
             sys.exit(code)
-        return returns
 
     # --- Slurm: worker jobs on the shared study (launcher.optuna_worker) --------------------------------
 
@@ -813,20 +820,8 @@ class _StudyRun:
             run=lambda trial, overrides: self.run_one(study, trial, overrides), alive=optuna_worker.slurm_alive,
             stop=stop, elsewhere=lambda t: _running_elsewhere(self.sweep_dir, t.user_attrs.get("cell")))
         loop.loop()
-        record = self.record(study)
-        self._results_yaml(study)
-        self.launcher.print_summary()
-        print(closing_line(record))
-        if self.interrupted:
-            print(f"worker {worker_id} interrupted: trial(s) {', '.join(map(str, self.interrupted))} stay RUNNING "
-                  "in the study; another worker, or the workers of the same command issued again, resume them",
-                  file=sys.stderr)
-            sys.exit(130)
-        code = max(plugin.EXIT_CODE, 1 if self.failures else 0)
-        if code:
-            for line in self.failures:
-                print(line, file=sys.stderr)
-            sys.exit(code)
+        self._finish(study, f"worker {worker_id} interrupted: trial(s) {{}} stay RUNNING in the study; another "
+                            "worker, or the workers of the same command issued again, resume them")
         return []
 
     def run_one(self, study: Any, trial: Any, overrides: List[str]) -> Optional[str]:
