@@ -80,8 +80,8 @@ def bench_cells(work: Path, repeats: int) -> None:
 
 
 def bench_10k(work: Path, n_seeds: int) -> None:
-    from proxyattention import cellstate
-    from proxyattention.cellstate import CellState, CellStatus, Owner
+    from launcher import cellstate
+    from launcher.cellstate import CellState, CellStatus, Owner
 
     sweep = work / "sweep_10k"
     grid = ["model=test_resnet", "proxy.threshold=0.1,0.4,0.8,0.85", "proxy.weight=0.1,0.2,0.4,0.8,0.95",

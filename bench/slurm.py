@@ -114,10 +114,10 @@ def synthetic_slurm_sweep(root: Path, n_cells: int = 10_000, array_size: int = 1
     """A Slurm sweep folder of ``n_cells`` cells in arrays 5000, 5001, …, the environment whose PATH
     starts with ``squeue``/``sacct`` stand-ins answering for them (see the module docstring), and the
     count of each state ``launcher.status`` must show."""
+    from launcher.cellstate import STATUS, CellState, CellStatus, cell_dir
+    from launcher.fileio import write_json_atomic
     from launcher.manifest import CellRecord, write_plan
     from launcher.slurm_state import RECORD, SlurmRecord
-    from proxyattention.cellstate import STATUS, CellState, CellStatus, cell_dir
-    from proxyattention.fileio import write_json_atomic
 
     sweep = root / "status10k"
     records = [CellRecord(id=f"{i:012x}", overrides=[f"train.seed={i % 100}", f"proxy.threshold=0.{i // 100:02d}"])

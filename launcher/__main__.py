@@ -1,10 +1,14 @@
-"""``python -m launcher [-m] key=a,b ...`` — run a sweep of Proxy Attention trials.
+"""``python -m launcher [-m] key=a,b ...`` — run a sweep of the installed app's jobs (here: Proxy Attention
+trials).
 
-A Hydra app on the same ``conf/`` as ``python -m proxyattention.train``; its launcher plugin
-(``hydra/launcher=local`` by default) turns each job of the grid into a cell and runs the cells that
-are not DONE. It is always a sweep: ``-m`` is implied (``--run`` is refused). Hydra's own flags work
-(``--cfg job``, ``-cjob``, ``--help``, ``--info``, ``--info searchpath``). Only this project's launchers
-(``hydra/launcher=local``, ``slurm``, ``slurm_v100``, or one of yours targeting them) run cells.
+The command of an app that plugs into the launcher with a config folder of its own
+(:attr:`launcher.apps.App.config_dir`, here ``conf/``, the one ``python -m proxyattention.train`` reads): a
+Hydra app on that folder whose launcher plugin (``hydra/launcher=local`` by default) turns each job of the
+grid into cells and runs the cells that are not DONE. Any other Hydra app needs no such command: it runs
+its own ``-m`` sweeps with ``hydra/launcher=local``. It is always a sweep: ``-m`` is implied (``--run`` is
+refused). Hydra's own flags work (``--cfg job``, ``-cjob``, ``--help``, ``--info``, ``--info searchpath``).
+Only the launcher's own launchers (``hydra/launcher=local``, ``slurm``, ``slurm_v100``, or one of yours
+targeting them) run cells.
 
 Options (all ``hydra.launcher.*`` overrides, see conf/hydra/launcher/local.yaml):
 ``workers=N``, ``timeout_min=M``, ``rerun=not_done|failed|damaged|all``, ``dry_run=true``, ``gpus=0,1``
@@ -19,11 +23,10 @@ Exit code: 0 when every cell of the sweep is DONE, 1 otherwise, 130 when interru
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from proxyattention.paths import conf_dir
-from proxyattention.schedule import quote_schedule_overrides
-
-CONF_DIR = str(conf_dir())
+if TYPE_CHECKING:
+    from launcher import apps
 # Flags after which Hydra does not sweep (it prints, or runs one job): no --multirun is added for them.
 _NO_SWEEP_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-i",
                    "--cfg", "-c", "--resolve")
@@ -65,24 +68,37 @@ def with_override(argv: list[str], override: str) -> list[str]:
     return overrides + [override] + flags  # overrides first: an optional flag value (--info) never eats one
 
 
+def command_app() -> "apps.App":
+    """The installed app ``python -m launcher`` runs: the first with a config folder of its own."""
+    from launcher import apps
+
+    for app in apps.installed():
+        if app.config_dir() is not None:
+            return app
+    print("error: python -m launcher runs the sweeps of an installed app with a config folder of its own, and "
+          "none is installed; run any Hydra app's sweep as `python my_app.py -m hydra/launcher=local key=a,b`",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
     from launcher import plugin
-    from proxyattention.config import register_configs
 
-    argv = quote_schedule_overrides(sys.argv[1:])
+    app_of = command_app()
+    argv = app_of.command_argv(sys.argv[1:])
     names = {flag_name(a) for a in argv}
     if names & {"--run", "-r"}:
         print("error: python -m launcher always runs a sweep, each job a cell in its own process (drop "
-              "--run); to run one trial in this process: python -m proxyattention.train KEY=VALUE ...",
-              file=sys.stderr)
+              f"--run); {app_of.one_job_hint}", file=sys.stderr)
         sys.exit(2)
-    register_configs()
+    app_of.register_configs()
     plugin.register_configs()
     plugin.register_resolvers()
     plugin.CELL_LAUNCHERS_ONLY = True
+    plugin.FOREIGN_LAUNCHER_HINT = app_of.hydra_launchers_hint
 
     if not names & {"-m", "--multirun"} and not names & set(_NO_SWEEP_FLAGS):
         argv.insert(0, "--multirun")
@@ -90,11 +106,11 @@ def main() -> None:
         argv = with_override(argv, "hydra.job.name=launcher")  # not "__main__" in --help and logs
     sys.argv[1:] = argv
 
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(app_of.config_dir()), config_name=app_of.config_name, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         # Reached without --multirun (--cfg job), or when a launcher that is not this project's runs
         # the jobs in this process: a sweep never runs trials in-process.
-        raise plugin.SweepError(plugin.FOREIGN_LAUNCHER)
+        raise plugin.SweepError(plugin.foreign_launcher())
 
     try:
         app()

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from launcher.cellstate import CellState, CellStatus, result_size, write_status
 from launcher.manifest import STDERR, STDOUT, Claim, cell_outcome
-from proxyattention.cellstate import CellState, CellStatus, result_size, write_status
 
-CELL_MODULE = "proxyattention.cell"
+CELL_MODULE = "launcher.taskcell"  # any Hydra app's task function; an app with its own cells names its module
 
 
 @dataclass
@@ -90,7 +90,7 @@ def record_end(cell: Path, status: CellStatus, returncode: Optional[int], *, tim
     ``time_limit_warned``: Slurm announced the job's time limit, so a kill that follows is TIMEOUT.
     A CANCELLED cell is marked interrupted: it resumes from its checkpoint when rerun. A DONE status
     records the size of ``result.json``, which every later read checks (a truncated file reads DAMAGED).
-    A trial stopped at a prune request exits 0 with a partial result: PRUNED (:func:`cell_outcome`).
+    A cell stopped at a prune request exits 0 with a partial result: PRUNED (:func:`cell_outcome`).
     """
     state, error, metrics = cell_outcome(cell, returncode, timed_out=timed_out, interrupted=interrupted)
     if time_limit_warned and state == CellState.CANCELLED:

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, TextIO
 
+from launcher.cellstate import CellState, CellStatus
 from launcher.manifest import CellRecord
-from proxyattention.cellstate import CellState, CellStatus
 
 SUMMARY_ROWS = 60  # more cells than this: the table shows the unfinished ones first, then a count
 
@@ -41,22 +41,11 @@ def fmt_duration(seconds: Optional[float]) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def fmt_acc(status: CellStatus) -> str:
-    acc = status.metrics.get("test/acc")
-    return "-" if acc is None else f"{acc:.4f}"
-
-
-def result_column(records: Sequence[CellRecord]) -> str:
-    """The column a summary shows for its cells: ``test/acc`` for trials, ``return`` for another Hydra
-    app's jobs (role ``job``: the task function's numeric return value)."""
-    return "return" if records and all(r.role == "job" for r in records) else "test/acc"
-
-
-def fmt_result(status: CellStatus, column: str) -> str:
-    if column != "return":
-        return fmt_acc(status)
-    value = status.metrics.get("return_value")
-    return "-" if value is None else f"{value:.6g}"
+def fmt_result(status: CellStatus, column: tuple[str, str, str]) -> str:
+    """A cell's value in the result column ``(header, metric, format)`` an app shows
+    (:attr:`launcher.apps.App.column`)."""
+    value = status.metrics.get(column[1])
+    return "-" if value is None else column[2].format(value)
 
 
 def fmt_state(status: CellStatus) -> str:
@@ -81,8 +70,13 @@ def table(rows: Iterable[Sequence[str]], header: Sequence[str]) -> str:
 class Console:
     """Thread-safe terminal output of one launch."""
 
-    def __init__(self, records: Sequence[CellRecord], stream: TextIO = sys.stdout) -> None:
+    def __init__(self, records: Sequence[CellRecord], stream: TextIO = sys.stdout,
+                 column: Optional[tuple[str, str, str]] = None) -> None:
+        from launcher import apps
+
         self.stream = stream
+        # The result column (header, metric): the app's whose cells these are.
+        self.column = column if column is not None else apps.for_records(records).column
         self._records = records
         self._labels: Optional[dict[str, str]] = None
         self.roles = {r.id: r.role for r in records}
@@ -139,8 +133,8 @@ class Console:
 
     def progress(self, cid: str, progress: Optional[dict]) -> None:
         """A line for a running cell that has finished an epoch since the last one shown (its
-        ``progress.json``: :mod:`proxyattention.progress`): epoch k of N, val/acc, the time left."""
-        from proxyattention.progress import describe
+        ``progress.json``: :mod:`launcher.progress`): epoch k of N, val/acc, the time left."""
+        from launcher.progress import describe
 
         if not progress or not progress.get("epoch") or self._epochs.get(cid) == progress["epoch"]:
             return
@@ -153,12 +147,12 @@ class Console:
             # The cells that need attention first.
             order.sort(key=lambda r: statuses[r.id].state.settled)
         shown = order[:SUMMARY_ROWS]
-        column = result_column(records)
+        column = self.column
         rows = []
         for r in shown:
             s = statuses[r.id]
             rows.append([r.id, self.label(r.id) or "-", fmt_state(s), fmt_result(s, column), fmt_duration(s.duration_s)])
-        text = table(rows, ["cell", "overrides", "state", column, "time"])
+        text = table(rows, ["cell", "overrides", "state", column[0], "time"])
         if len(order) > len(shown):
             text += f"\n… and {len(order) - len(shown)} more cells (python -m launcher.status {sweep_dir})"
         counts: dict[str, int] = {}

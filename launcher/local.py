@@ -1,6 +1,6 @@
 """The local backend: each cell is its own process, a bounded pool of them, pinned to GPUs.
 
-A cell runs as ``python -m proxyattention.cell CELL_DIR`` in a new session (its own process group, so
+A cell runs as ``python -m <cell_module> CELL_DIR`` in a new session (its own process group, so
 a timeout or Ctrl-C kills it and everything it started, and GPU memory is freed when it exits), with
 ``CUDA_VISIBLE_DEVICES`` set round-robin over the GPUs found (without importing torch: the
 ``CUDA_VISIBLE_DEVICES`` of the launcher, else ``nvidia-smi -L``) and ``OMP_NUM_THREADS`` set to
@@ -13,7 +13,7 @@ first, so the rerun is the only process working in that folder. Cells whose Slur
 running are skipped, not waited for (their job runs them; they count as not DONE in the exit code):
 Slurm is asked once, for the cells whose status names a Slurm job, and not at all when none does.
 
-A DAMAGED cell (an entry that cannot be trusted: see :func:`proxyattention.cellstate.read_status`) is
+A DAMAGED cell (an entry that cannot be trusted: see :func:`launcher.cellstate.read_status`) is
 named with the reason before anything runs; the attempt that redoes it first moves its files into
 ``damaged-<stamp>/``. A write that fails mid-sweep because the sweep folder or the store is full or
 read-only (:data:`launcher.manifest.WRITE_ERRNOS`) ends the launch cleanly: running cells are stopped
@@ -34,21 +34,25 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-from launcher import manifest
+from launcher import apps, cellstate, manifest, progress
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
-from launcher.console import Console, dry_run_listing, fmt_duration, fmt_result, result_column
-from launcher.manifest import CellRecord, Claim, Rerun
-from launcher.objective import check_objective
-from proxyattention import cellstate, progress
-from proxyattention.cellstate import (
+from launcher.cellstate import (
     REQUIRE_GPU_ENV,
     CellState,
     CellStatus,
     Owner,
     error_headline,
 )
+from launcher.console import (
+    Console,
+    dry_run_listing,
+    fmt_duration,
+    fmt_result,
+)
+from launcher.manifest import CellRecord, Claim, Rerun
+from launcher.objective import check_objective
 
 KILL_GRACE_S = 5.0
 SLURM_LINES = 20  # cells left to their Slurm job: one line each up to this many, then a count
@@ -137,8 +141,9 @@ class LocalRunner:
 
     def __init__(self, sweep_dir: Path, records: list[CellRecord], options: LocalOptions,
                  console: Optional[Console] = None, summary: bool = True, hooks: Any = None,
-                 collect: Optional[dict] = None) -> None:
+                 collect: Optional[dict] = None, app: Any = None) -> None:
         self.sweep_dir = Path(sweep_dir)
+        self.app = app if app is not None else apps.for_records(records)
         self.summary = summary  # False: the caller prints one summary for several launches
         self.collect = collect  # filled with every cell's final status, for the caller's summary
         self._overrides = {r.id: r.overrides for r in records}
@@ -146,7 +151,7 @@ class LocalRunner:
         self.records = records
         self.opts = options
         self.rerun = Rerun(options.rerun)
-        self.console = console or Console(records)
+        self.console = console or Console(records, column=self.app.column)
         self.owner = Owner.this_process()
         self.gpus = detect_gpus(options.gpus)
         self.threads = options.threads_per_cell or max(1, cpu_count() // options.workers)
@@ -249,8 +254,8 @@ class LocalRunner:
         self.statuses[cid] = status
         self._touched.add(cid)
         if status.state == CellState.DONE:
-            column = result_column(self.records)
-            detail = f"{column} {fmt_result(status, column)}  {fmt_duration(status.duration_s)}"
+            column = self.app.column
+            detail = f"{column[0]} {fmt_result(status, column)}  {fmt_duration(status.duration_s)}"
         else:
             detail = error_headline(status.error)
             if status.state == CellState.FAILED:
@@ -454,11 +459,10 @@ class LocalRunner:
 
     def _dry_run(self, selected: list[str]) -> int:
         self.console.say(dry_run_listing(self.console, self.records, self.statuses, selected, self.opts.list_rows))
-        from launcher.estimate import dry_run_estimate, local_gpu
-
-        if any(r.role != "job" for r in self.records):  # trials (another app's jobs: no time estimate)
-            self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store,
-                                              gpu=local_gpu(self.gpus), timeout_min=self.opts.timeout_min))
+        lines = self.app.dry_run_estimate(self.sweep_dir, selected, self.opts.store, gpu=local_gpu(self.gpus),
+                                          timeout_min=self.opts.timeout_min)
+        if lines:
+            self.console.say(lines)
         self.console.say(f"\ndry run: {len(selected)} of {len(self.records)} cells would run "
                          f"(hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0
@@ -474,12 +478,19 @@ def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
     LocalOptions.from_config(launcher_cfg)
 
 
+def local_gpu(gpus: Iterable[str]) -> Optional[str]:
+    """How a local cell gets a GPU: the GPUs the pool pins cells to, or None."""
+    found = list(gpus)
+    return f"GPUs {','.join(found)} found" if found else None
+
+
 def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True,
-        hooks: Any = None, collect: Optional[dict] = None) -> int:
+        hooks: Any = None, collect: Optional[dict] = None, app: Any = None) -> int:
     """Backend entry point used by :mod:`launcher.plugin`: run the plan's cells, return the exit code.
 
     ``summary=False`` leaves the summary table to the caller, who may pass ``collect`` (a dict) to get
     every cell's final status; ``hooks`` get ``start(cell_id)`` before and ``end(cell_id)`` after each
-    cell this launch runs (Hydra's job callbacks)."""
+    cell this launch runs (Hydra's job callbacks); ``app`` (:class:`launcher.apps.App`) adds its lines to
+    a dry run (e.g. a time estimate)."""
     return LocalRunner(sweep_dir, records, LocalOptions.from_config(launcher_cfg), summary=summary,
-                       hooks=hooks, collect=collect).run()
+                       hooks=hooks, collect=collect, app=app).run()

@@ -9,24 +9,24 @@ Layout of a sweep folder::
     SWEEP_DIR/
       plans/<plan_id>.json      one sweep definition per distinct job list: the cells in order, each
                                 with its overrides and paired baseline (see :func:`write_plan`)
-      cells/<cell_id>/          one folder per cell; ``cell_id`` is ``proxyattention.config.cell_id``
-        config.yaml             trial config snapshot the cell runs from; written once, never changed
+      cells/<cell_id>/          one folder per cell, named by its id (the app's hash of the job's config)
+        config.yaml             the config snapshot the cell runs from; written once, never changed
         status.json             :class:`CellStatus`; written ONLY by the holder of the cell's claim
         claim.<n>               claim files; the highest generation ``n`` is the current claim
-        result.json             written by the cell (``python -m proxyattention.cell CELL_DIR``) at
-        error.json              the end / on failure, with checkpoint.pt, tb/ and trial.log
+        result.json             written by the cell (``python -m <cell_module> CELL_DIR``) at
+        error.json              the end / on failure, beside the app's own files (a trial's checkpoint.pt, tb/)
         stdout.log stderr.log   the cell process's output, appended attempt after attempt
         previous/<stamp>/       results moved aside by a forced rerun (never deleted)
         damaged-<stamp>/        the files of a DAMAGED attempt, moved aside before it is redone
 
 States (:class:`CellState`): no ``status.json`` means PENDING; RUNNING carries the owner's host and pid
 (or Slurm job id) and a heartbeat; DONE is written only after ``result.json`` parsed with
-``"status": "done"`` (:func:`cell_outcome`); PRUNED when the trial stopped early at a prune request
-(``prune.json``: :mod:`proxyattention.progress`) and left its partial result — finished, not failed, never
+``"status": "done"`` (:func:`cell_outcome`); PRUNED when the cell stopped early at a prune request
+(``prune.json``: :mod:`launcher.progress`) and left its partial result — finished, not failed, never
 rerun but by ``rerun=all``. A RUNNING status whose owner is gone — dead pid on this
 host, or a heartbeat older than ``stale_after_s`` — reads as CANCELLED with ``interrupted=True``
 (:func:`effective_status`): rerunnable, and a rerun resumes from the cell's checkpoint. An entry that
-cannot be trusted (see :func:`proxyattention.cellstate.read_status`) reads as DAMAGED: it is not DONE,
+cannot be trusted (see :func:`launcher.cellstate.read_status`) reads as DAMAGED: it is not DONE,
 and the attempt that redoes it first moves its files into ``damaged-<stamp>/`` (:func:`set_aside_damaged`).
 
 How a backend runs one cell (the local pool does exactly this; a Slurm job does it on its node)::
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
-from proxyattention.cellstate import (
+from launcher.cellstate import (
     CELLS,
     DEFAULT_STALE_AFTER_S,
     HOST,
@@ -78,16 +78,18 @@ from proxyattention.cellstate import (
     read_status,
     result_size,
 )
-from proxyattention.fileio import (
+from launcher import apps
+from launcher.fileio import (
     CONFIG,
     ERROR,
     RESULT,
+    digest,
     read_json,
     write_text_atomic,
 )
 
 if TYPE_CHECKING:
-    from proxyattention.cellstate import CellStatus
+    from launcher.cellstate import CellStatus
 
 PLANS = "plans"
 STDOUT = "stdout.log"
@@ -262,16 +264,13 @@ def tail(path: Path, lines: int = ERROR_TAIL_LINES, max_bytes: int = 16384) -> s
     return "\n".join(kept[-lines:])
 
 
-SUMMARY_METRICS = ("test/acc", "val/acc_best", "proxy/images", "return_value")  # return_value: another app's job
-
-
 def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = False,
                  interrupted: bool = False) -> tuple[CellState, Optional[str], dict]:
     """Judge a finished attempt: ``(state, error tail or None, summary metrics)``.
 
     DONE needs exit code 0 AND a parsed ``result.json`` with ``"status": "done"``; PRUNED, exit code 0 and
-    the partial ``result.json`` of a trial stopped at a prune request (``"status": "pruned"``:
-    :func:`proxyattention.cellstate.read_pruned`), its error the one line saying when and why. ``timed_out`` /
+    the partial ``result.json`` of a cell stopped at a prune request (``"status": "pruned"``:
+    :func:`launcher.cellstate.read_pruned`), its error the one line saying when and why. ``timed_out`` /
     ``interrupted`` say the launcher itself stopped the cell (TIMEOUT / CANCELLED). A cell killed by a
     signal nobody in the launcher sent is CANCELLED as well: rerunnable, it resumes from its checkpoint.
     """
@@ -284,7 +283,7 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
         result = read_result(cell)
         if result is not None:
             m = result.get("metrics") or {}
-            metrics = {k: m[k] for k in SUMMARY_METRICS if k in m}
+            metrics = {k: m[k] for k in apps.summary_metrics() if k in m}
             timing = result.get("timing") or {}
             for k in ("train_s", "total_s"):
                 if k in timing:
@@ -293,7 +292,7 @@ def cell_outcome(cell: Path, returncode: Optional[int], *, timed_out: bool = Fal
         pruned = read_pruned(cell)
         if pruned is not None:
             m = pruned.get("metrics") or {}
-            metrics = {k: m[k] for k in (*SUMMARY_METRICS, "val/acc") if k in m}
+            metrics = {k: m[k] for k in (*apps.summary_metrics(), "val/acc") if k in m}
             epoch = (pruned.get("pruned") or {}).get("epoch")
             if isinstance(epoch, int) and not isinstance(epoch, bool):
                 metrics["pruned/epoch"] = epoch
@@ -381,7 +380,7 @@ def set_aside_damaged(cell: Path, keep: Iterable[str] = ()) -> Optional[Path]:
 def adopted(cell: Path, status: "CellStatus") -> "CellStatus":
     """The DONE status of a cell whose finished result nobody recorded (its launcher died first, or it
     was run by hand): at least one attempt, its duration and end from ``result.json``. PRUNED for the
-    partial result of a trial stopped at a prune request (:func:`adoptable`)."""
+    partial result of a cell stopped at a prune request (:func:`adoptable`)."""
     state, error, metrics = cell_outcome(cell, 0)
     new = status.finished(state, exit_code=0, error=error, metrics=metrics,
                           result_size=result_size(cell) if state == CellState.DONE else None)
@@ -436,7 +435,7 @@ def prepare_rerun(cell: Path, status: "CellStatus", rerun: Rerun,
     ``previous/<stamp>/`` (:func:`move_aside`). Returns the status the new attempt starts from (the
     attempts so far, nothing else), or None when nothing was moved. ``say`` gets one line per move.
     Call only while holding the claim."""
-    from proxyattention.cellstate import CellStatus
+    from launcher.cellstate import CellStatus
 
     cid = Path(cell).name
     if status.state == CellState.DAMAGED:  # redone from scratch, its files kept aside
@@ -506,6 +505,11 @@ def write_hydra_metadata(cell: Path, overrides: Sequence[str]) -> None:
     write_text_atomic(meta / "overrides.yaml", yaml.safe_dump(list(overrides)), fsync=False)
     if not os.path.lexists(meta / CONFIG):
         os.symlink(os.path.join("..", CONFIG), meta / CONFIG)
+
+
+def plan_id(job_overrides: Any) -> str:
+    """The id of a sweep's list of jobs (each a list of override strings), in the order given."""
+    return digest([list(j) for j in job_overrides])
 
 
 def write_plan(sweep_dir: Path, plan_id: str, cells: Iterable[CellRecord], extra: Optional[dict] = None) -> Path:

@@ -1,6 +1,8 @@
-"""What a sweep returns to Hydra for each job: the cell's objective, for adaptive sweepers (Optuna).
+"""What a sweep returns to Hydra for each job of an app that plans its own cells: the cell's objective, for
+adaptive sweepers (Optuna). (Any other app's job returns its task function's return value.)
 
-``hydra.launcher.objective`` names a metric of the trial's ``result.json`` (default ``val/acc_best``),
+``hydra.launcher.objective`` names a metric of the cell's ``result.json`` (this project's trials: default
+``val/acc_best``),
 or a list of them for a multi-objective study (``hydra.sweeper.directions`` of the same length). A
 metric computed on the test split is refused (``test/…``, and ``explain/…``, which the trial computes on
 test images): a sweeper that selects on the test split reports a test score it has tuned to. Validation
@@ -23,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from proxyattention import cellstate
+from launcher import cellstate
 
 DEFAULT = "val/acc_best"
 ALLOWED_PREFIXES = ("val/", "train/", "proxy/")

@@ -33,7 +33,7 @@ an interrupted command is launched again as the same trial (its cell resumes fro
 DONE cells are never retrained: a trial whose parameters are a DONE cell's gets that cell's value at once.
 
 While a batch runs, :class:`PruneMonitor` reads each running cell's per-epoch progress
-(:mod:`proxyattention.progress`), reports it as the trial's intermediate values (with
+(:mod:`launcher.progress`), reports it as the trial's intermediate values (with
 ``objective_vs_baseline``: minus the baseline's value at the same epoch) and, when the pruner says so,
 asks the cell to stop at its next epoch boundary. Multi-objective studies are not pruned (Optuna does
 not support it).
@@ -142,12 +142,12 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="proxyattention")
-    cs.store(group="hydra/sweeper/sampler", name="tpe", node=TPESamplerConf, provider="proxyattention")
+    cs.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="launcher")
+    cs.store(group="hydra/sweeper/sampler", name="tpe", node=TPESamplerConf, provider="launcher")
     for name, node in SAMPLERS.items():
-        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="proxyattention")
+        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="launcher")
     for name, node in PRUNERS.items():
-        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="proxyattention")
+        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="launcher")
 
 
 # ------------------------------------------------------------------------------------------ the search space
@@ -178,7 +178,11 @@ def search_space(lines: Sequence[str], parser: Any = None) -> tuple[Dict[str, An
 def distribution(o: Any) -> Any:
     """The Optuna distribution of one sweep override (see the module docstring for the syntax)."""
     from hydra.core.override_parser.types import Transformer
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     value = o.value()
     if o.is_interval_sweep():
@@ -209,7 +213,11 @@ def distribution(o: Any) -> Any:
 
 def suggest(trial: Any, name: str, dist: Any) -> Any:
     """``trial.suggest_*`` for a distribution (the public API)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     if isinstance(dist, CategoricalDistribution):
         return trial.suggest_categorical(name, dist.choices)
@@ -222,7 +230,11 @@ def suggest(trial: Any, name: str, dist: Any) -> Any:
 
 def grid_of(space: Dict[str, Any]) -> Dict[str, list]:
     """``GridSampler``'s search space: every value of each discrete distribution."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     grid = {}
     for name, d in space.items():
@@ -350,11 +362,11 @@ class ProgressSource(Protocol):
 
 
 class CellProgress:
-    """Each cell's ``progress.json`` (:mod:`proxyattention.progress`); a finished cell without one (run
+    """Each cell's ``progress.json`` (:mod:`launcher.progress`); a finished cell without one (run
     before progress files existed) from its ``result.json`` history."""
 
     def metric_by_epoch(self, cell: Path, name: str) -> Dict[int, float]:
-        from proxyattention import cellstate, progress
+        from launcher import cellstate, progress
 
         record = progress.read_progress(cell)
         if record is None:
@@ -365,7 +377,7 @@ class CellProgress:
         return progress.metric_by_epoch(record, name)
 
     def request_prune(self, cell: Path, reason: str) -> None:
-        from proxyattention import progress
+        from launcher import progress
 
         progress.request_prune(cell, reason)
 
@@ -553,13 +565,12 @@ class OptunaSweeper(Sweeper):
     # --- the sweep -----------------------------------------------------------------------------------
 
     def sweep(self, arguments: List[str]) -> Any:
-        from launcher import objective
-        from launcher import plugin
+        from launcher import apps, objective, plugin
 
         assert self.config is not None and self.hydra_context is not None
         if not isinstance(self.launcher, plugin.SweepLauncher):
-            raise plugin.SweepError("hydra/sweeper=optuna runs each trial as a cell: use this project's "
-                                    "launchers (python -m launcher, hydra/launcher=local)")
+            raise plugin.SweepError("hydra/sweeper=optuna runs each trial as a cell: use the launcher's own "
+                                    "launchers (hydra/launcher=local or slurm)")
         try:
             import optuna
         except ImportError:
@@ -579,6 +590,9 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:
             directions = self.directions()
+            if apps.for_config(self.config) is None:  # any app's job: the objective is what it returns
+                names = ["return"] if len(directions) == 1 else [f"return[{i}]" for i in range(len(directions))]
+                gain = False
             if len(names) != len(directions):
                 raise ValueError(f"hydra.launcher.objective={names} has {len(names)} metric(s) for "
                                  f"{len(directions)} direction(s) {directions}: give one metric per direction")
@@ -662,7 +676,7 @@ class _StudyRun:
     def record(self, study: Any) -> dict:
         d = study_record(study, self.kind, self.where, self.s.n_trials, self.names, self.gain)
         d.update(epoch_savings(study, self.sweep_dir))
-        from proxyattention import fileio
+        from launcher import fileio
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         fileio.write_text_atomic(self.sweep_dir / STUDY_FILE, json.dumps(d, indent=1) + "\n")
@@ -911,7 +925,7 @@ class _StudyRun:
                 break
 
     def _launch(self, study: Any, batch: List[tuple[Any, List[str]]]) -> Any:
-        from proxyattention import cellstate
+        from launcher import cellstate
 
         single = len(self.directions) == 1
         monitor = PruneMonitor(self.progress_source, self.names[0], prune=self.pruner is not None, poll_s=self.poll_s)
@@ -950,7 +964,7 @@ class _StudyRun:
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 
-        from proxyattention import cellstate
+        from launcher import cellstate
 
         cell = Path(ret.working_dir)
         status = cellstate.read_status(cell)
@@ -984,7 +998,7 @@ class _StudyRun:
         """``optimization_results.yaml``, as Hydra's Optuna sweeper writes it."""
         from optuna.trial import TrialState
 
-        from proxyattention import fileio
+        from launcher import fileio
 
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             return
@@ -1001,8 +1015,7 @@ def _running_elsewhere(sweep_dir: Path, cid: Optional[str]) -> bool:
     """Whether the trial's cell is claimed by a live launcher (another command runs it now)."""
     if not cid:
         return False
-    from launcher import manifest
-    from proxyattention import cellstate
+    from launcher import cellstate, manifest
 
     cell = cellstate.cell_dir(sweep_dir, cid)
     return cell.exists() and manifest.claim_holder(cell) is not None
@@ -1012,7 +1025,7 @@ def _unfinished(sweep_dir: Path, cid: Optional[str]) -> bool:
     """Whether a cell was left unfinished by an interruption (never started, or stopped by Ctrl-C/SIGTERM)."""
     if not cid:
         return False
-    from proxyattention import cellstate
+    from launcher import cellstate
 
     status = cellstate.read_status(cellstate.cell_dir(sweep_dir, cid))
     return not status.state.finished or (status.state == cellstate.CellState.CANCELLED and status.interrupted)
@@ -1036,7 +1049,7 @@ def epoch_savings(study: Any, sweep_dir: Path) -> Dict[str, Any]:
     (the epochs its COMPLETE and PRUNED trials would have trained unpruned)."""
     from optuna.trial import TrialState
 
-    from proxyattention import cellstate
+    from launcher import cellstate
 
     skipped = total = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):

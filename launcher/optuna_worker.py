@@ -172,7 +172,7 @@ def workers_file(sweep_dir: Path) -> Path:
 
 
 def read_workers(sweep_dir: Path) -> List[str]:
-    from proxyattention import fileio
+    from launcher import fileio
 
     d = fileio.read_json(workers_file(sweep_dir)) or {}
     jobs = d.get("jobs")
@@ -314,8 +314,13 @@ def submit_workers(sweep_dir: Path, opts: Any, n_workers: int, argv: Sequence[st
     """Submit the workers the study still needs (see the module docstring); return their job ids."""
     import shlex
 
-    from launcher.slurm import SUBMITIT_DIR, SubmissionError, cells_hub_offline, sbatch_parameters
-    from proxyattention import fileio
+    from launcher import fileio
+    from launcher.slurm import (
+        SUBMITIT_DIR,
+        SubmissionError,
+        cells_hub_offline,
+        sbatch_parameters,
+    )
 
     sweep_dir = Path(sweep_dir)
     if finished >= n_trials:

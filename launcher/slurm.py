@@ -21,6 +21,11 @@
    starts, so a task that starts at once never waits for the later arrays); prints the job ids, returns.
 
 Nothing stays alive on the login node. ``python -m launcher.status SWEEP_DIR`` shows what Slurm says.
+With ``hydra.launcher.wait=true`` the command instead stays until every cell it submitted or found queued
+or running has ended (a look at ``squeue``/``sacct`` every ``poll_s`` seconds, :meth:`SlurmSubmitter.wait`),
+then prints the summary and hands the results back, as the local backend does; Ctrl-C stops the waiting,
+never the jobs. The cells are any app's (``cell_module``: the trials' ``proxyattention.cell``, or
+:mod:`launcher.taskcell` for another Hydra app's task function).
 An Optuna study (``hydra/sweeper=optuna``, e.g. ``+sweep=optuna_proxy``) is not planned here: its sweeper
 submits worker jobs that ask, run and tell on the shared study themselves (:mod:`launcher.optuna_worker`,
 :func:`launcher.optuna_worker.submit_workers`: one array of ``hydra.launcher.workers`` jobs with these
@@ -59,8 +64,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from launcher import manifest
+from launcher import apps, cellstate, manifest
 from launcher.cellproc import CELL_MODULE
+from launcher.cellstate import CellState, CellStatus, Owner
 from launcher.manifest import CellRecord, Claim, Rerun
 from launcher.objective import check_objective
 from launcher.slurm_state import (
@@ -72,8 +78,6 @@ from launcher.slurm_state import (
     refresh_status,
     write_record,
 )
-from proxyattention import cellstate, weights
-from proxyattention.cellstate import CellState, CellStatus, Owner
 
 __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refresh_status",
            "sbatch_parameters", "sbatch_script", "max_array_size", "array_layout", "ArrayPlan"]
@@ -81,6 +85,7 @@ __all__ = ["SlurmOptions", "SlurmLauncherConf", "register_configs", "run", "refr
 SUBMITIT_DIR = "slurm"  # SWEEP_DIR/slurm: submitit's sbatch scripts, pickles and per-job logs
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default when `scontrol show config` cannot be read
 DAMAGED_LINES = 20  # DAMAGED cells named one line each up to this many, then a count
+COUNTS_EVERY_S = 60.0  # while waiting: a line of counts when they change, at most this often
 
 
 @dataclass
@@ -102,7 +107,7 @@ class SlurmOptions:
     gres: Optional[str] = None  # e.g. "gpu:v100:1"
     constraint: Optional[str] = None
     exclude: Optional[str] = None
-    job_name: str = "proxyattention"
+    job_name: str = "cells"
     array_parallelism: int = 64  # at most this many cells of one submit run at once, over all its arrays
     max_array_size: Optional[int] = None  # null: the cluster's MaxArraySize (scontrol show config)
     requeue: bool = True  # at the time limit or preemption: checkpoint, requeue, resume
@@ -123,6 +128,10 @@ class SlurmOptions:
     # An Optuna study (hydra/sweeper=optuna): how many worker jobs loop ask, run a cell, tell on it
     # (hydra.sweeper.n_jobs wins when set); timeout_min is then each worker's --time (launcher.optuna_worker).
     workers: int = 1
+    # true: after submitting, wait until every cell of the launch that a Slurm job owns has ended (asking
+    # squeue/sacct every poll_s seconds), print the summary and hand back each job's result (run()).
+    wait: bool = False
+    poll_s: float = 15.0
 
     @property
     def wants_gpu(self) -> bool:
@@ -148,6 +157,9 @@ class SlurmOptions:
                 raise ValueError(f"hydra.launcher.{name}={getattr(opts, name)} must be >= 1")
         if opts.max_array_size is not None and opts.max_array_size < 1:
             raise ValueError(f"hydra.launcher.max_array_size={opts.max_array_size} must be >= 1 (or null)")
+        if not opts.poll_s > 0:
+            raise ValueError(f"hydra.launcher.poll_s={opts.poll_s} must be > 0 (seconds between two looks at "
+                             "the queue while hydra.launcher.wait=true)")
         if opts.list_rows < 0:
             raise ValueError(f"hydra.launcher.list_rows={opts.list_rows} must be >= 0 (0: every cell)")
         check_objective(opts.objective)
@@ -164,20 +176,26 @@ class SlurmLauncherConf(SlurmOptions):
     _target_: str = "hydra_plugins.proxyattention_launcher.SlurmLauncher"
 
 
+def env_true(env: Mapping[str, str], *names: str) -> bool:
+    """Whether the first of ``names`` set in ``env`` is true, as huggingface_hub reads a boolean variable."""
+    value = next((env[n] for n in names if env.get(n)), None)
+    return value is not None and value.upper() in ("1", "ON", "YES", "TRUE")
+
+
 def cells_hub_offline(env: Optional[Mapping[str, str]] = None) -> bool:
     """Whether Slurm cells run with ``HF_HUB_OFFLINE=1``: yes, unless the submitting environment sets
     ``HF_HUB_OFFLINE`` itself (``HF_HUB_OFFLINE=0 python -m launcher ...`` lets cells download weights,
     on a cluster whose nodes have internet). Weights come from the cache, filled on the login node with
     ``python -m proxyattention.data weights``; a cell never waits on a network the node does not have."""
     e = os.environ if env is None else env
-    return e.get("HF_HUB_OFFLINE") is None or weights.hub_offline(e)
+    return e.get("HF_HUB_OFFLINE") is None or env_true(e, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(group="hydra/launcher", name="slurm_schema", node=SlurmLauncherConf,
-                                 provider="proxyattention")
+                                 provider="launcher")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,15 +350,17 @@ class SubmissionError(RuntimeError):
 class SlurmSubmitter:
     """Decide which cells to submit, submit them as arrays, record the jobs; return an exit code."""
 
-    def __init__(self, sweep_dir: Path, records: list[CellRecord], opts: SlurmOptions, console: Any = None) -> None:
+    def __init__(self, sweep_dir: Path, records: list[CellRecord], opts: SlurmOptions, console: Any = None,
+                 app: Any = None) -> None:
         from launcher.console import Console
 
         self.sweep_dir = Path(sweep_dir)
+        self.app = app if app is not None else apps.for_records(records)
         self.records = records
         self._overrides = {r.id: r.overrides for r in records}
         self.opts = opts
         self.rerun = Rerun(opts.rerun)
-        self.console = console or Console(records)
+        self.console = console or Console(records, column=self.app.column)
         self.owner = Owner.this_process(backend="slurm")
         self.folder = self.sweep_dir / SUBMITIT_DIR
         self._store = manifest.store_dir(opts.store)
@@ -424,7 +444,9 @@ class SlurmSubmitter:
         from launcher.slurm_job import CellJob
 
         ex = self._executor()
-        hub_offline = cells_hub_offline()
+        # The trials' cells read pretrained weights from the cache only; any other app's jobs run in the
+        # submitting environment as it is (HF_HUB_OFFLINE there, if set, reaches them as well).
+        hub_offline = cells_hub_offline() if type(self.app) is not apps.App else False
         starts: dict[str, CellStatus] = {}  # the status each cell's PENDING record is written over
         for cid in claims:  # under the claims, before any job can start: as the local backend does
             status = cellstate.read_status(self.dir(cid))
@@ -506,6 +528,54 @@ class SlurmSubmitter:
             f"watch: python -m launcher.status {self.sweep_dir}   (Slurm logs: {self.folder})")
         return 0
 
+    def wait(self, sleep: Any = time.sleep) -> dict[str, CellStatus]:
+        """``hydra.launcher.wait=true``: poll until no cell of this launch is owned by a live Slurm job
+        (submitted now, or found queued or running); return every cell's status as Slurm sees it.
+
+        Each poll is one :meth:`statuses` of the cells still waited for (``squeue``, ``sacct`` only for
+        jobs ``squeue`` no longer lists), every ``poll_s`` seconds. A cell is waited for while its status
+        names a Slurm job and reads PENDING or RUNNING: a requeued job stays waited for, a job that
+        Slurm cancelled, killed or forgot ends the wait for its cell (FAILED, CANCELLED, TIMEOUT). Each
+        cell that ends is printed as it is seen; a line of counts when they change (at most once a
+        minute)."""
+        ids = [r.id for r in self.records]
+        statuses = self._look(ids)
+        waiting = owned_by_slurm(statuses)
+        if not waiting:
+            return statuses
+        self.console.say(f"waiting for {_cells(len(waiting))} queued or running in Slurm (hydra.launcher.wait=true, "
+                         f"a look every {self.opts.poll_s:g} s); Ctrl-C stops waiting, not the jobs")
+        shown: Optional[str] = None
+        shown_at = float("-inf")
+        while waiting:
+            sleep(self.opts.poll_s)
+            fresh = self._look(waiting)
+            statuses.update(fresh)
+            still = owned_by_slurm(fresh)
+            for cid in waiting:
+                if cid not in still:
+                    s = fresh[cid]
+                    self.console.cell(cid, s.state, cellstate.error_headline(s.error) or "")
+            waiting = still
+            if waiting:
+                running = sum(fresh[c].state == CellState.RUNNING for c in waiting)
+                line = f"{_cells(len(waiting))} in Slurm: {running} running, {len(waiting) - running} queued"
+                if line != shown and time.monotonic() - shown_at >= COUNTS_EVERY_S:
+                    self.console.say(line)
+                    shown, shown_at = line, time.monotonic()
+        return statuses
+
+    def _look(self, ids: list[str]) -> dict[str, CellStatus]:
+        """:meth:`statuses`, where a cell that Slurm's answer says ended without the cell's own word is
+        read once more: its job may have ended between the read of its ``status.json`` and Slurm's
+        answer (the job writes its end before Slurm calls it COMPLETED)."""
+        seen = self.statuses(ids)
+        again = [cid for cid, s in seen.items()
+                 if s.backend == "slurm" and not s.state.settled and cid not in owned_by_slurm({cid: s})]
+        if again:
+            seen.update(self.statuses(again))
+        return seen
+
     def _dry_run(self, statuses: dict[str, CellStatus], selected: list[str]) -> int:
         from launcher.console import dry_run_listing
 
@@ -527,10 +597,10 @@ class SlurmSubmitter:
         if len(layout) > 1:
             self.console.say(f"{len(layout)} arrays, at most {self.opts.array_parallelism} cells at once "
                              f"over all of them:\n{describe_layout(layout)}")
-        from launcher.estimate import dry_run_estimate, slurm_gpu
-
-        self.console.say(dry_run_estimate(self.sweep_dir, selected, self.opts.store, timeout_min=self.opts.timeout_min,
-                                          gpu=slurm_gpu(self.opts.gres, self.opts.gpus_per_node)))
+        lines = self.app.dry_run_estimate(self.sweep_dir, selected, self.opts.store, timeout_min=self.opts.timeout_min,
+                                          gpu=slurm_gpu(self.opts.gres, self.opts.gpus_per_node))
+        if lines:
+            self.console.say(lines)
         self.console.say(f"dry run: {len(selected)} of {len(self.records)} cells would be submitted, unless queued "
                          f"already (hydra.launcher.rerun={self.rerun.value}); sweep folder: {self.sweep_dir}")
         return 0
@@ -540,8 +610,12 @@ def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
     """Raise ``ValueError`` naming the ``hydra.launcher`` key whose value cannot run, or saying why this
     launch cannot: no Slurm on this machine (a dry run needs none). An adaptive sweeper is accepted: the
     Optuna sweeper submits worker jobs that ask, run and tell on the shared study themselves
-    (:mod:`launcher.optuna_worker`)."""
+    (:mod:`launcher.optuna_worker`); ``wait=true`` is refused for it (there are no cells to wait for)."""
     opts = SlurmOptions.from_config(launcher_cfg)
+    if opts.wait and _optuna_study(launcher_cfg):
+        raise ValueError("hydra.launcher.wait=true does not apply to an Optuna study on Slurm: its worker jobs "
+                         "ask, run and tell on their own; drop the key and watch them with python -m "
+                         "launcher.status SWEEP_DIR")
     if opts.dry_run:
         return
     if shutil.which("sbatch") is None:
@@ -550,13 +624,80 @@ def check_options(launcher_cfg: Any, adaptive: bool = False) -> None:
                          "see the cells and the batch script")
 
 
-def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True, hooks: Any = None,
-        collect: Optional[dict] = None) -> int:
-    """Backend entry point used by :mod:`launcher.plugin`: submit, print the job ids, return at once.
-
-    ``summary``, ``hooks`` and ``collect`` are the local backend's: a submitter sees no cell finish."""
+def _optuna_study(launcher_cfg: Any) -> bool:
+    """Whether the command's sweeper is the Optuna study (``hydra/sweeper=optuna``): it submits worker
+    jobs itself (:mod:`launcher.optuna_worker`), so there are no cells for :func:`run` to wait for.
+    Read from the composed ``hydra`` node that holds ``launcher_cfg`` (a plain dict has none)."""
+    get_parent = getattr(launcher_cfg, "_get_parent", None)
+    hydra_cfg = get_parent() if callable(get_parent) else None
     try:
-        return SlurmSubmitter(sweep_dir, records, SlurmOptions.from_config(launcher_cfg)).run()
+        target = str(hydra_cfg.sweeper._target_) if hydra_cfg is not None else ""
+    except Exception:  # noqa: BLE001 (no sweeper node: not a study)
+        return False
+    return target.endswith(".OptunaSweeper")
+
+
+def slurm_gpu(gres: Optional[str], gpus_per_node: Optional[int]) -> Optional[str]:
+    """How a Slurm cell gets a GPU (as :attr:`SlurmOptions.wants_gpu` decides), or None."""
+    if "gpu" in str(gres or ""):
+        return f"hydra.launcher.gres={gres}"
+    if gpus_per_node:
+        return f"hydra.launcher.gpus_per_node={gpus_per_node}"
+    return None
+
+
+def owned_by_slurm(statuses: Mapping[str, CellStatus]) -> list[str]:
+    """The cells whose status names a Slurm job that has not ended: queued (PENDING, also while it is
+    requeued) or RUNNING, as :func:`launcher.slurm_state.refresh_status` reads them."""
+    return [cid for cid, s in statuses.items()
+            if s.backend == "slurm" and s.job_id and s.state in (CellState.PENDING, CellState.RUNNING)]
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell" + ("" if n == 1 else "s")
+
+
+def _stop_waiting(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(sweep_dir: Path, records: list[CellRecord], launcher_cfg: Any, summary: bool = True, hooks: Any = None,
+        collect: Optional[dict] = None, app: Any = None) -> int:
+    """Backend entry point used by :mod:`launcher.plugin`: submit, print the job ids, return at once
+    (exit code 0 once submitted); ``hooks`` are the local backend's (a submitter runs no cell itself).
+
+    With ``hydra.launcher.wait=true`` it then waits (:meth:`SlurmSubmitter.wait`) until every cell of
+    ``records`` that a Slurm job owns has ended, fills ``collect`` with every cell's status, prints the
+    summary unless ``summary=False`` (the caller prints one for several launches), and returns 0 when
+    every cell is DONE (or PRUNED), else 1. Ctrl-C (or SIGTERM) while waiting leaves the jobs running,
+    says so, and exits 130."""
+    import signal
+    import threading
+
+    opts = SlurmOptions.from_config(launcher_cfg)
+    submitter = SlurmSubmitter(sweep_dir, records, opts, app=app)
+    try:
+        code = submitter.run()
     except SubmissionError as e:
         print(f"error: {e}", flush=True)
         return 1
+    if not opts.wait or opts.dry_run:
+        return code
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _stop_waiting) if main else None
+    try:
+        statuses = submitter.wait()
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: stopped waiting; the submitted jobs keep running in Slurm (scancel stops them).\n"
+              f"watch: python -m launcher.status {submitter.sweep_dir}\n"
+              "Re-issue the same command to wait for them again: it submits no cell that is DONE, queued or "
+              "running.", flush=True)
+        raise SystemExit(130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+    if collect is not None:
+        collect.update(statuses)
+    if summary:
+        submitter.console.summary(records, statuses, submitter.sweep_dir)
+    return code if code else (0 if all(s.state.settled for s in statuses.values()) else 1)

@@ -5,11 +5,13 @@ node. The job claims the cell (the submitter releases its own short claim right 
 job may wait a moment), sets aside the files of a cell found DAMAGED (the submitter already did so for
 a cell DAMAGED when it was submitted: :func:`launcher.manifest.prepare_rerun`; this is for one damaged
 while its job was queued), writes ``status.json`` RUNNING with its Slurm job id, runs
-``python -m proxyattention.cell CELL_DIR`` (:mod:`launcher.cellproc`, as a local cell) with its output appended to the cell's ``stdout.log`` /
-``stderr.log`` (the same files a local cell writes), heartbeats, and writes the final state. While it
-runs, the job is the only writer of ``status.json``. The cell runs with the hub offline
+``python -m <cell_module> CELL_DIR`` (:mod:`launcher.cellproc`, as a local cell: ``proxyattention.cell`` for
+a trial, :mod:`launcher.taskcell` for another Hydra app's task function) with its output appended to the
+cell's ``stdout.log`` / ``stderr.log`` (the same files a local cell writes), heartbeats, and writes the
+final state. While it runs, the job is the only writer of ``status.json``. The cell runs with the hub offline
 (``HF_HUB_OFFLINE=1``, unless the submitter's environment set it: :func:`launcher.slurm.cells_hub_offline`):
-compute nodes often have no internet, and pretrained weights come from the cache filled on the login node.
+compute nodes often have no internet, and pretrained weights come from the cache filled on the login node
+(a trial's cells only: another app's jobs run in the submitting environment as it is).
 
 Why a subprocess: the trial's Python failure must end the Slurm job FAILED, never COMPLETED, and a
 crash in torch must not take the status writer with it. A cell that does not end DONE (or PRUNED: a
@@ -39,13 +41,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
-from launcher import manifest
+from launcher import cellstate, manifest
 from launcher.cellproc import CELL_MODULE, CellProcess, record_end, watch
+from launcher.cellstate import REQUIRE_GPU_ENV, CellState, CellStatus, Owner
 from launcher.manifest import Claim
 from launcher.slurm_state import RECORD
-from proxyattention import cellstate
-from proxyattention.cellstate import REQUIRE_GPU_ENV, CellState, CellStatus, Owner
-
 
 HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"  # huggingface_hub (and timm through it) then reads only its cache
 

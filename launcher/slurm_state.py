@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from launcher import manifest
-from proxyattention import fileio
-from proxyattention.cellstate import CellState, CellStatus
+from launcher import fileio, manifest
+from launcher.cellstate import CellState, CellStatus
 
 RECORD = "slurm.json"
 

@@ -10,15 +10,15 @@ by another backend (``"backend": "slurm"`` in their status) are refreshed by tha
 ``launcher.<backend>.refresh_status(sweep_dir, {cell_id: CellStatus}) -> {cell_id: CellStatus}`` when it
 defines one (sacct for Slurm).
 
-A RUNNING cell's progress comes from its ``progress.json`` (one small file, written by the trial after
-every epoch: :mod:`proxyattention.progress`): epoch k of N, its last validation accuracy and the time
+A RUNNING cell's progress comes from its ``progress.json`` (one small file, written by the cell after
+every epoch: :mod:`launcher.progress`): epoch k of N, its last validation accuracy and the time
 left (mean epoch time × epochs left). A PRUNED cell (stopped early at a prune request) shows with when
 and why.
 
 ``--json`` prints ``{"sweep_dir", "cells": [{"id", "state", "overrides", "attempts", "dir", "job_id",
 "role", "baseline", "duration_s", "error", "interrupted", "metrics"}, …], "counts": {STATE: n}}``; a
 RUNNING cell also has ``"progress": {"epoch", "epochs", "val/acc", "val/acc_best", "epoch_s", "eta_s",
-"updated"}`` (null before its trial has written one). ``counts`` names PRUNED only when a cell is.
+"updated"}`` (null before its cell has written one). ``counts`` names PRUNED only when a cell is.
 
 A sweep run by ``hydra/sweeper=optuna`` also shows its study (the sweep folder's ``study.json``, written
 by :mod:`launcher.optuna_sweeper` after each batch): ``"study": {"name", "storage", "storage_kind"
@@ -39,10 +39,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher import manifest
+from launcher import apps, cellstate, manifest, progress
+from launcher.cellstate import CellState, CellStatus
 from launcher.manifest import CellRecord
-from proxyattention import cellstate, progress
-from proxyattention.cellstate import CellState, CellStatus
 
 
 def collect(sweep_dir: Path, stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
@@ -121,13 +120,18 @@ def _study(sweep_dir: Path) -> Optional[dict]:
 
 def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, CellStatus],
             error_lines: int = 6) -> str:
-    from launcher.console import distinguishing, fmt_duration, fmt_result, result_column, table
+    from launcher.console import (
+        distinguishing,
+        fmt_duration,
+        fmt_result,
+        table,
+    )
 
     labels = distinguishing(records)
     running = {cid: progress.describe(p) for cid, p in running_progress(sweep_dir, records, statuses).items()}
     shown = any(running.values())  # the progress column, only while a running cell has written its progress
     rows, tails, pruned = [], [], []
-    column = result_column(records)
+    column = apps.for_records(records).column
     for r in records:
         s = statuses[r.id]
         label = labels.get(r.id, "") or "-"
@@ -144,7 +148,7 @@ def as_text(sweep_dir: Path, records: list[CellRecord], statuses: dict[str, Cell
         elif s.error and s.state != CellState.DONE:
             lines = s.error.strip().splitlines()[-error_lines:]
             tails.append(f"{r.id} {s.state.value}:\n" + "\n".join("    " + ln for ln in lines))
-    text = table(rows, ["cell", "state", "attempts", "time", column] + (["progress"] if shown else [])
+    text = table(rows, ["cell", "state", "attempts", "time", column[0]] + (["progress"] if shown else [])
                  + ["overrides"])
     counts = ", ".join(f"{n} {st}" for st, n in counts_of(statuses).items() if n)
     out = [text]

@@ -1,7 +1,8 @@
-"""Any Hydra app's task function as a cell: run by the local backend, kept in the store, never rerun DONE.
+"""Any Hydra app's task function as a cell: run by the local or Slurm backend, kept in the store, never
+rerun DONE.
 
-When the app launching a sweep is not this project's trial (its config lacks the trial groups:
-:func:`is_trial_config`), :func:`launch` turns each Hydra job into a cell of its own:
+When no installed app launches the sweep itself (:func:`launcher.apps.for_config`: not this project's
+trials), :func:`launch` turns each Hydra job into a cell of its own:
 
 - the job's config is composed as Hydra's launchers compose it (``hydra.job.num`` continues across
   batches from ``initial_job_idx``); its cell id is a hash of the task function (module, name, source)
@@ -10,11 +11,18 @@ When the app launching a sweep is not this project's trial (its config lacks the
   return value is handed back;
 - the task function and the job's config (with the state of Hydra's singletons and the app's custom
   resolvers) are pickled with cloudpickle into the cell folder (``.job.pkl``), as submitit does;
-- the local backend (:mod:`launcher.local`) runs ``python -m launcher.taskcell CELL_DIR`` in its own
-  process: :func:`main` unpickles the job and calls Hydra's ``run_job`` (the job folder as
-  ``hydra.sweep.dir``/``hydra.sweep.subdir`` say, ``.hydra/`` files, job logging, job callbacks), then
+- the backend runs ``python -m launcher.taskcell CELL_DIR`` in a process of its own: the local one
+  (:mod:`launcher.local`) here, the Slurm one (:mod:`launcher.slurm`, ``hydra/launcher=slurm``) in an
+  array task on a node (:class:`launcher.slurm_job.CellJob`). :func:`main` unpickles the job and calls
+  Hydra's ``run_job`` (the job folder as ``hydra.sweep.dir``/``hydra.sweep.subdir`` say, ``.hydra/``
+  files, job logging, job callbacks), then
   writes the ``JobReturn`` (``jobreturn.pkl``) and the files the store judges a cell by: ``result.json``
   (DONE) or ``error.json`` (FAILED, with the exception's last line).
+
+With Slurm the launch submits the cells that are neither DONE nor queued or running, prints the job ids
+and returns (exit code 0): a job whose cell a Slurm job owns gets a :class:`QueuedJobReturn` (no value
+yet). With ``hydra.launcher.wait=true`` it waits for those cells to end and returns each job's own
+``JobReturn``, as with the local backend.
 
 A cell folder holds ``config.yaml`` (the task config it is identified by), ``.job.pkl``, ``status.json``,
 ``result.json`` or ``error.json``, ``jobreturn.pkl`` and the process's ``stdout.log``/``stderr.log``.
@@ -22,7 +30,9 @@ A cell folder holds ``config.yaml`` (the task config it is identified by), ``.jo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -31,18 +41,26 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 
 JOB = ".job.pkl"  # hidden: a forced rerun moves a cell's files aside but its dot-files
 JOB_RETURN = "jobreturn.pkl"
 MODULE = "launcher.taskcell"  # the cell module of these cells: `python -m launcher.taskcell CELL_DIR`
+BACKENDS = ("local", "slurm")  # hydra/launcher=local runs the cells here; slurm submits them (slurm_v100 too)
 
 
-def is_trial_config(config: Any) -> bool:
-    """Whether the composed config is this project's trial (it has every trial group)."""
-    from proxyattention.config import GROUP_SCHEMAS
+def profile_default(config: Any, key: str) -> Any:
+    """The value of ``hydra.launcher.<key>`` in the chosen launcher option's own file, as the ConfigStore holds
+    it (None if it holds none): what the command line or the app did not choose."""
+    from hydra.core.config_store import ConfigStore
 
-    return all(g in config for g in GROUP_SCHEMAS)
+    choice = config.hydra.runtime.choices.get("hydra/launcher")
+    node = ConfigStore.instance().repo.get("hydra", {}).get("launcher", {}).get(f"{choice}.yaml")
+    try:
+        return node.node.get(key) if node is not None else None
+    except AttributeError:  # a structured config: its class default
+        return None
 
 
 def task_identity(task_function: Any) -> dict:
@@ -71,11 +89,11 @@ def task_part(config: Any) -> dict:
 
 def cell_id(task_function: Any, task_config: dict) -> str:
     """A 12-hex-digit id of one job: the same task function and task config give the same id (hashed
-    as this project's trials are, by :mod:`proxyattention.identity`; values JSON cannot hold as text)."""
-    from proxyattention import identity
+    by :func:`launcher.fileio.digest`; values JSON cannot hold as text)."""
+    from launcher import fileio
 
     job = json.loads(json.dumps({"task": task_identity(task_function), "config": task_config}, default=str))
-    return identity._digest(job)
+    return fileio.digest(job)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,7 +109,7 @@ def _custom_resolvers() -> dict:
 
 def _make_cell(sweep_dir: Path, cid: str, store: Optional[str]) -> Path:
     """The cell folder ``SWEEP/cells/<id>``: with a store, a link to ``STORE/<id>`` (shared by sweeps)."""
-    from proxyattention import cellstate
+    from launcher import cellstate
 
     cell = cellstate.cell_dir(sweep_dir, cid)
     cell.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +133,7 @@ def _make_cell(sweep_dir: Path, cid: str, store: Optional[str]) -> Path:
 def _write_pickle(path: Path, obj: Any, fsync: bool = False) -> None:
     import cloudpickle
 
-    from proxyattention.fileio import atomic_file
+    from launcher.fileio import atomic_file
 
     blob = cloudpickle.dumps(obj)  # before the file is opened: an object that cannot be pickled writes nothing
     with atomic_file(path, "wb", fsync=fsync) as f:
@@ -138,29 +156,32 @@ class JobNotDone(CompactHydraException):
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[list, int]:
-    """Run the jobs of one batch of a foreign app as cells (the local backend): one JobReturn per job,
-    and the backend's exit code. Raises :class:`Refused` for options or folders that cannot run."""
+    """Run the jobs of one batch of a foreign app as cells (the local backend, or submit them to Slurm):
+    one JobReturn per job, and the backend's exit code. Raises :class:`Refused` for options or folders
+    that cannot run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import configure_log, setup_globals
     from omegaconf import OmegaConf, open_dict, read_write
 
-    from launcher import local, manifest
+    from launcher import cellstate, fileio, manifest
     from launcher.manifest import CellRecord
-    from proxyattention import cellstate, fileio, identity
 
     config, task_function = launcher.config, launcher.task_function
-    if launcher.backend != "local":
-        raise Refused(
-            f"hydra/launcher={launcher.backend} runs this project's trials only; run another app's jobs "
-            "with hydra/launcher=local")
+    if launcher.backend not in BACKENDS:
+        raise Refused(f"hydra/launcher={launcher.backend} cannot run another app's jobs; use "
+                      + " or ".join(f"hydra/launcher={b}" for b in BACKENDS))
+    backend = importlib.import_module(f"launcher.{launcher.backend}")
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     opts: dict = OmegaConf.to_container(config.hydra.launcher, resolve=True)  # type: ignore[assignment]
     opts["cell_module"] = MODULE
+    slurm = launcher.backend == "slurm"
+    if slurm and opts.get("job_name") in (profile_default(config, "job_name"), backend.SlurmOptions.job_name):
+        opts["job_name"] = str(config.hydra.job.name)  # the Slurm jobs of another app: named after it
     try:
-        local.check_options(opts)
+        backend.check_options(opts)
     except ValueError as e:
         raise Refused(str(e)) from None
     store = manifest.store_dir(opts.get("store"))
@@ -201,7 +222,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         HydraConfig.instance().set_config(config)
     if not dry_run:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest.write_plan(sweep_dir, identity.plan_id([j[0] for j in jobs]), records.values(),
+        manifest.write_plan(sweep_dir, manifest.plan_id([j[0] for j in jobs]), records.values(),
                             extra={"overrides": OmegaConf.to_container(config.hydra.overrides.task),
                                    "job_cells": [j[1] for j in jobs], "app": task_identity(task_function)})
         mr = sweep_dir / "multirun.yaml"
@@ -210,8 +231,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     for r in records.values():
         launcher._records.setdefault(r.id, r)
     try:
-        code = local.run(sweep_dir, list(records.values()), opts, summary=not launcher.defer_summary,
-                         collect=launcher._statuses)
+        code = backend.run(sweep_dir, list(records.values()), opts, summary=not launcher.defer_summary,
+                           collect=launcher._statuses)
     except OSError as e:  # the sweep folder or the store takes no write: the backend stopped cleanly
         if not manifest.is_write_failure(e):
             raise
@@ -220,8 +241,50 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         sys.exit(130)
     if dry_run:  # nothing ran: no job has a return value for the sweeper to read
         sys.exit(0)
-    return [job_return(cellstate.cell_dir(sweep_dir, cid), overrides, cfg, task_name)
-            for overrides, cid, cfg in jobs], code
+    queued: dict = {}  # submitted and not waited for: the cells a Slurm job owns (one squeue for all)
+    if slurm and not opts.get("wait", False):
+        raw = {cid: cellstate.read_status(cellstate.cell_dir(sweep_dir, cid)) for cid in records}
+        seen = backend.refresh_status(sweep_dir, raw)
+        queued = {cid: seen[cid].job_id for cid in backend.owned_by_slurm(seen)}
+    returns = []
+    for overrides, cid, cfg in jobs:
+        cell = cellstate.cell_dir(sweep_dir, cid)
+        if cid in queued:
+            returns.append(queued_return(cell, overrides, cfg, task_name, queued[cid]))
+        else:
+            returns.append(job_return(cell, overrides, cfg, task_name))
+    return returns, code
+
+
+@dataclasses.dataclass
+class QueuedJobReturn(JobReturn):
+    """The ``JobReturn`` of a job whose cell a Slurm job owns (submitted by this launch, or found queued
+    or running) when the launch does not wait (``hydra.launcher.wait=false``): status UNKNOWN, no value
+    yet, ``job_id`` the Slurm job. Reading ``return_value`` gives None instead of Hydra's assertion, so a
+    sweeper that reads every job's value only to raise a failed job's exception (Hydra's BasicSweeper)
+    ends a successful submission with exit code 0; the values are in the store once the cells are DONE
+    (a re-issue, or ``hydra.launcher.wait=true``, hands them back)."""
+
+    job_id: Optional[str] = None
+
+    @property  # type: ignore[override]
+    def return_value(self) -> Any:
+        if self.status == JobStatus.UNKNOWN:
+            return None
+        return JobReturn.return_value.fget(self)  # type: ignore[attr-defined]
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+def queued_return(cell: Path, overrides: list, cfg: Any, task_name: str, job_id: str) -> QueuedJobReturn:
+    """The :class:`QueuedJobReturn` of a job whose cell waits for, or runs in, Slurm job ``job_id``."""
+    from omegaconf import OmegaConf
+
+    return QueuedJobReturn(overrides=list(overrides), cfg=OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                           hydra_cfg=OmegaConf.masked_copy(cfg, ["hydra"]), task_name=task_name,
+                           working_dir=str(cell), status=JobStatus.UNKNOWN, job_id=job_id)
 
 
 def job_return(cell: Path, overrides: list, cfg: Any, task_name: str) -> Any:
@@ -230,7 +293,7 @@ def job_return(cell: Path, overrides: list, cfg: Any, task_name: str) -> Any:
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from proxyattention import cellstate
+    from launcher import cellstate
 
     status = cellstate.read_status(cell)
     stored = None
@@ -265,7 +328,7 @@ def job_return(cell: Path, overrides: list, cfg: Any, task_name: str) -> Any:
 
 
 def _error_json(cell: Path, e: BaseException) -> None:
-    from proxyattention.fileio import ERROR, write_json_atomic
+    from launcher.fileio import ERROR, write_json_atomic
 
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     write_json_atomic(cell / ERROR, {"type": type(e).__name__, "error": str(e).strip().splitlines()[-1:][0]
@@ -279,7 +342,7 @@ def main(cell_dir: str) -> int:
     from hydra.core.utils import JobStatus, run_job, setup_globals
     from omegaconf.basecontainer import BaseContainer
 
-    from proxyattention.fileio import ERROR, RESULT, write_json_atomic
+    from launcher.fileio import ERROR, RESULT, write_json_atomic
 
     cell = Path(cell_dir)
     for name in (RESULT, ERROR, JOB_RETURN):  # an earlier attempt's outcome never stands for this one

@@ -6,7 +6,7 @@ the proxy state it was written with. The proxy state changes only at proxy steps
 as ``proxy_state.<version>.pt``; an epoch checkpoint stays the size of model + optimizer at any dataset
 size. A resumed trial loads the proxy state its checkpoint names (the newest one can be a step ahead,
 when the trial stopped between a proxy step and that epoch's checkpoint), so a resumed trial is exact.
-Every file is written through :func:`proxyattention.fileio.atomic_file`; temp files of a killed writer
+Every file is written through :func:`launcher.fileio.atomic_file`; temp files of a killed writer
 are cleared on load.
 """
 
@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from proxyattention import fileio
+from launcher import fileio
+from proxyattention import paths
 
 _STATE_FILE = re.compile(r"^proxy_state\.(\d+)\.pt$")
 
@@ -53,15 +54,15 @@ def prune_proxy_states(out: Path, keep: int) -> None:
 
 def save(out: Path, ckpt: dict[str, Any]) -> None:
     """Write the epoch checkpoint, then drop proxy states it does not name."""
-    _save(ckpt, out / fileio.CHECKPOINT)
+    _save(ckpt, out / paths.CHECKPOINT)
     prune_proxy_states(out, int(ckpt["proxy_version"]))
 
 
 def load(out: Path, trial_id: str) -> Optional[dict[str, Any]]:
     """The epoch checkpoint of this trial (with its proxy state under ``"proxy_state"``), or None."""
-    fileio.remove_stale_temps(out, fileio.CHECKPOINT)
+    fileio.remove_stale_temps(out, paths.CHECKPOINT)
     fileio.remove_stale_temps(out, "proxy_state.*")
-    path = out / fileio.CHECKPOINT
+    path = out / paths.CHECKPOINT
     if not path.exists():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from proxyattention.cellstate import REQUIRE_GPU_ENV
+from launcher.cellstate import REQUIRE_GPU_ENV
 from proxyattention.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,11 @@ module, and it imports neither torch nor OmegaConf.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from functools import lru_cache
 from typing import Any, Mapping, Optional
 
+from launcher import fileio
 from proxyattention.config import GROUP_SCHEMAS, ProxyConfig
 from proxyattention.schedule import parse_schedule
 
@@ -202,8 +201,7 @@ def _mark_changed_behaviour(c: Plain) -> None:
 
 
 def _digest(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return fileio.digest(obj)
 
 
 def cell_id(cfg: Mapping[str, Any]) -> str:
@@ -225,6 +223,3 @@ def ids(cfg: Mapping[str, Any]) -> tuple[str, str, Optional[str]]:
     return cell_id(c), config_id(c), base
 
 
-def plan_id(job_overrides: Any) -> str:
-    """The id of a sweep's list of jobs (each a list of override strings), in the order given."""
-    return _digest([list(j) for j in job_overrides])

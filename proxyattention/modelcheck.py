@@ -11,7 +11,7 @@ planner itself, from that answer (:func:`proxyattention.weights.cached_path`, no
 
 The planner stays free of torch: it runs ``python -m proxyattention.modelcheck`` with a JSON list of
 specs on stdin and reads a JSON list of answers from stdout, and it remembers answers by the versions
-of torch and timm (see :mod:`launcher.plan`).
+of torch and timm (see :mod:`proxyattention.sweep.plan`).
 """
 
 from __future__ import annotations

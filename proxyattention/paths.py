@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# A trial folder's own files, beside the ones every cell folder has (launcher.fileio: config.yaml,
+# result.json, error.json).
+CHECKPOINT = "checkpoint.pt"
+TB_DIR = "tb"
+LOG = "trial.log"
+
 _PACKAGE = Path(__file__).resolve().parent
 
 

@@ -6,7 +6,7 @@ gets ``config.yaml``, ``checkpoint.pt`` (every epoch) and ``proxy_state.<n>.pt``
 restarted trial resumes from them), ``progress.json`` (every epoch: how far it is, its validation
 numbers), TensorBoard events under ``tb/``, ``trial.log`` and ``result.json`` — or ``error.json`` and a
 non-zero exit code. A ``prune.json`` in the folder stops the trial at the next epoch boundary with a
-partial ``result.json`` (``"status": "pruned"``; see :mod:`proxyattention.progress`).
+partial ``result.json`` (``"status": "pruned"``; see :mod:`launcher.progress`).
 
 Fairness (docs/method.md): the split is made once per (dataset, seed); data order, augmentation and initial
 weights derive from the seed alone, so a proxy trial and its baseline see the same batches; OneCycleLR
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from proxyattention import checkpoint, fileio, progress as progress_file
+from launcher import fileio
+from launcher import progress as progress_file
+from proxyattention import checkpoint, paths
 from proxyattention.config import (
     ConfigError,
     TrialConfig,
@@ -145,7 +147,7 @@ def train(cfg: DictConfig | TrialConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run (or resume) one trial in ``out_dir``; return the result written to ``result.json``.
 
     At every epoch boundary (and before the first epoch) a prune request in ``out_dir``
-    (:mod:`proxyattention.progress`) stops the trial there: its partial result is written instead."""
+    (:mod:`launcher.progress`) stops the trial there: its partial result is written instead."""
     clock = time.perf_counter()
     trial = set_up(to_trial_config(cfg), Path(out_dir))  # device, data, model, optimizer; resume
     setup_s = time.perf_counter() - clock
@@ -199,12 +201,12 @@ def set_up(cfg: Any, out: Path) -> Trial:
     progress = Progress()
     if saved:
         progress = restore(saved, model, optimizer, scheduler, precision, proxies)
-        log.info("resuming from %s after epoch %d of %d", out / fileio.CHECKPOINT, progress.epoch,
+        log.info("resuming from %s after epoch %d of %d", out / paths.CHECKPOINT, progress.epoch,
                  schedule.epochs)
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step drops events a killed attempt logged after its last checkpoint.
-    writer = SummaryWriter(str(out / fileio.TB_DIR), purge_step=progress.epoch + 1 if progress.epoch else None)
+    writer = SummaryWriter(str(out / paths.TB_DIR), purge_step=progress.epoch + 1 if progress.epoch else None)
     mistakes = torch.full((len(data.samples),), -1, dtype=torch.int32, device=device)
     return Trial(cfg, out, trial_id, schedule, device, precision, channels_last, data, model, target_layer,
                  batch_size, steps_per_epoch, optimizer, scheduler, proxies, mistakes, progress, writer,
@@ -748,7 +750,7 @@ def write_result(trial: Trial, metrics: dict[str, Any], setup_s: float, clock: f
 def _setup_logging(out: Path) -> None:
     root = logging.getLogger()
     if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
-        fh = logging.FileHandler(out / fileio.LOG)
+        fh = logging.FileHandler(out / paths.LOG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
     if not any(type(h) is logging.StreamHandler for h in root.handlers):
@@ -797,7 +799,7 @@ def run_trial(cfg: DictConfig, out_dir: str | Path) -> int:
         return 0
     print(f"done: test/acc {m['test/acc']:.4f}  val/acc_best {m['val/acc_best']:.4f}  "
           f"proxy/images {m['proxy/images']}  in {result['timing']['total_s']:.1f}s\n"
-          f"results: {out / fileio.RESULT}\ntensorboard: tensorboard --logdir {out / fileio.TB_DIR}")
+          f"results: {out / fileio.RESULT}\ntensorboard: tensorboard --logdir {out / paths.TB_DIR}")
     return 0
 
 

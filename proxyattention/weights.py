@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
-from proxyattention import fileio
+from launcher import fileio
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in its order
 _TRUE = ("1", "ON", "YES", "TRUE")  # how huggingface_hub reads a boolean environment variable

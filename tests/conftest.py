@@ -62,8 +62,8 @@ def done_cell() -> Callable[..., Path]:
     ``status.json`` recording its size, as a launcher does when the cell ends."""
     import json
 
-    from proxyattention import cellstate, fileio
-    from proxyattention.cellstate import CellState, CellStatus, Owner
+    from launcher import cellstate, fileio
+    from launcher.cellstate import CellState, CellStatus, Owner
 
     def make(cell: Path, result: dict, compact: bool = False) -> Path:
         cell.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,11 @@ def hydra_cfg(*overrides: str, cwd: Path) -> dict:
 # ------------------------------------------------------------------------------------------ the search space
 
 def test_search_space_syntax_of_hydras_optuna_sweeper():
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     params = {"a": "interval(0.1, 0.9)", "b": "int(interval(1, 8))", "c": "tag(log, interval(0.0001, 0.1))",
               "d": "choice(blend, mean, 'x,y')", "e": "range(1, 5)", "f": "range(0.1, 0.5, 0.1)",
@@ -328,7 +332,7 @@ def test_the_monitor_reports_the_gain_over_the_baselines_same_epoch_and_never_pr
 
 PRUNABLE_CELL = r'''
 import json, os, sys, time, yaml
-from proxyattention import progress
+from launcher import progress
 cell = sys.argv[1]
 cfg = yaml.safe_load(open(os.path.join(cell, "config.yaml")))
 with open(os.path.join(cell, "runs.log"), "a") as f:

@@ -22,14 +22,17 @@ import pytest
 optuna = pytest.importorskip("optuna", minversion="4.0", reason="needs pip install -e '.[optuna]' (in [test])")
 
 from hydra.core.utils import JobReturn, JobStatus  # noqa: E402
+from proxyattention.sweep.plan import Plan, PlannedCell  # noqa: E402
 
+from launcher import (
+    cellstate,  # noqa: E402
+    plugin,  # noqa: E402
+)
+from proxyattention.sweep import launch as trial_launch  # noqa: E402
 from launcher import optuna_sweeper as osw  # noqa: E402
 from launcher import optuna_worker as ow  # noqa: E402
-from launcher import plugin  # noqa: E402
 from launcher.manifest import CellRecord  # noqa: E402
-from launcher.plan import Plan, PlannedCell  # noqa: E402
 from launcher.slurm import SlurmOptions  # noqa: E402
-from proxyattention import cellstate  # noqa: E402
 
 SAVED = ["+sweep=optuna_proxy"]
 TRIAL = ("dataset=digits", "model=test_resnet", "explain.enabled=false", "dataset.image_size=16")
@@ -80,7 +83,7 @@ def submit(tmp_path, monkeypatch, fake, live=(), n_workers=3, finished=0, n_tria
 def test_n_workers_are_one_array_under_the_cap_with_the_cells_sbatch_options(tmp_path, monkeypatch):
     fake = FakeExecutor()
     ids, _ = submit(tmp_path, monkeypatch, fake, n_workers=3, array_parallelism=2, timeout_min=240,
-                    partition="gpu", gres="gpu:1")
+                    partition="gpu", gres="gpu:1", job_name="proxyattention")
     assert ids == ["500_0", "500_1", "500_2"] and len(fake.arrays) == 1
     a = fake.arrays[0]
     assert a["array_parallelism"] == 2 and a["time"] == 240  # timeout_min: each worker's --time
@@ -228,7 +231,7 @@ class StubLauncher:
             value = float(ov[0].split("=")[1])
             if any(f"{x}" == f"{value}" for x in self.fail):
                 ret.status = JobStatus.FAILED
-                ret.return_value = plugin.CellNotDone(f"cell {cid} is FAILED: boom")
+                ret.return_value = trial_launch.CellNotDone(f"cell {cid} is FAILED: boom")
             else:
                 ret.status = JobStatus.COMPLETED
                 ret.return_value = 0.5 + value / 10

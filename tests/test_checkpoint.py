@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from proxyattention import checkpoint, fileio
+from proxyattention import checkpoint, paths
 from proxyattention import train as train_mod
 from proxyattention.config import TrialConfig
 from proxyattention.proxy import ProxyLayer
@@ -28,11 +28,11 @@ def _cfg(tmp_path, schedule="1,p,1", **train_kw):
 def test_epoch_checkpoint_does_not_grow_with_the_proxy_state(tmp_path):
     trial = train_mod.set_up(_cfg(tmp_path), tmp_path / "t")
     checkpoint.save(trial.out, train_mod.snapshot(trial))
-    empty = (trial.out / fileio.CHECKPOINT).stat().st_size
+    empty = (trial.out / paths.CHECKPOINT).stat().st_size
     trial.proxies.record(ProxyLayer(torch.arange(20_000), torch.rand(20_000, 4, 4), True))
     state_file = checkpoint.save_proxy_state(trial.out, trial.proxies.state_dict())
     checkpoint.save(trial.out, train_mod.snapshot(trial))
-    assert (trial.out / fileio.CHECKPOINT).stat().st_size <= empty * 1.01
+    assert (trial.out / paths.CHECKPOINT).stat().st_size <= empty * 1.01
     assert state_file.stat().st_size > 20_000 * 4 * 16  # the maps live in their own file
     saved = checkpoint.load(trial.out, trial.trial_id)
     assert saved["proxy_version"] == 1 and saved["proxy_state"]["layers"][0]["index"].numel() == 20_000
@@ -58,7 +58,7 @@ def test_an_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     out = tmp_path / "t"
     trial = train_mod.set_up(_cfg(tmp_path), out)
     checkpoint.save(out, train_mod.snapshot(trial))
-    before = (out / fileio.CHECKPOINT).read_bytes()
+    before = (out / paths.CHECKPOINT).read_bytes()
 
     def interrupted(obj, f):
         f.write(b"half a checkpoint")
@@ -68,9 +68,9 @@ def test_an_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(out, train_mod.snapshot(trial))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
-    assert (out / fileio.CHECKPOINT).read_bytes() == before  # the last good checkpoint is intact
+    assert (out / paths.CHECKPOINT).read_bytes() == before  # the last good checkpoint is intact
     # A writer killed with -9 cannot clean up: the next load does.
-    (out / f".{fileio.CHECKPOINT}.host.1.abcd.tmp").write_bytes(b"x")
+    (out / f".{paths.CHECKPOINT}.host.1.abcd.tmp").write_bytes(b"x")
     (out / ".proxy_state.3.pt.host.1.abcd.tmp").write_bytes(b"x")
     monkeypatch.undo()
     checkpoint.load(out, trial.trial_id)

@@ -12,12 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from proxyattention.sweep.plan import PlanError, cached_plan, plan_sweep, write_plan_files
 from omegaconf import OmegaConf
 from PIL import Image
 
-from launcher.plan import PlanError, cached_plan, plan_sweep, write_plan_files
 from proxyattention import identity
-from proxyattention.config import ConfigError, DatasetConfig, TrialConfig, register_configs, to_trial_config
+from proxyattention.config import (
+    ConfigError,
+    DatasetConfig,
+    TrialConfig,
+    register_configs,
+    to_trial_config,
+)
 from proxyattention.data import facts, listing
 from proxyattention.data.registry import SOURCES, load_samples
 from proxyattention.data.samples import DataError

@@ -7,8 +7,8 @@ name); tests/test_gpu.py runs the real paths when a GPU is present.
 import pytest
 import torch
 
+from launcher.cellstate import REQUIRE_GPU_ENV
 from proxyattention import device as dev
-from proxyattention.cellstate import REQUIRE_GPU_ENV
 from proxyattention.config import ConfigError
 
 CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]

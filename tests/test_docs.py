@@ -408,8 +408,9 @@ def test_the_model_table_states_the_automatic_cam_layer(row, composer_fn):
 def planned(argv: list[str]) -> dict[str, dict]:
     """The cells ``python -m launcher ARGV`` would plan, by id (no data needed: the planner's composing and
     naming, without the data checks), each with its resolved config."""
-    from launcher.models import sweep_jobs
-    from launcher.plan import Composer
+    from proxyattention.sweep.models import sweep_jobs
+    from proxyattention.sweep.plan import Composer
+
     from proxyattention import identity
 
     jobs, compose = sweep_jobs(argv)

@@ -1,5 +1,5 @@
 """The dry run sizes a sweep: the epochs of the cells that would run, and their time estimated from the
-DONE cells of the store with the same model, dataset, image size and device type (launcher.estimate).
+DONE cells of the store with the same model, dataset, image size and device type (proxyattention.sweep.estimate).
 
 The store's DONE cells here are synthetic (a result the store trusts, made by the ``done_cell`` fixture);
 the command-line tests plan real cells and stop at the dry run, so nothing trains.
@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from proxyattention.sweep.plan import Plan, PlannedCell, snapshot_yaml
 
-from launcher import estimate
+from launcher import cellstate, fileio
+from launcher.local import local_gpu
+from launcher.slurm import slurm_gpu
+from proxyattention.sweep import estimate
 from launcher.manifest import CellRecord
-from launcher.plan import Plan, PlannedCell, snapshot_yaml
-from proxyattention import cellstate, fileio
 
 V100 = "Tesla V100-SXM2-32GB"
 
@@ -79,9 +81,9 @@ def test_the_device_type_follows_train_device_then_the_gpu_the_backend_gives():
     assert estimate.device_type(config(device="auto"), gpu=False) == "cpu"
     assert estimate.device_type(config(device="cpu"), gpu=True) == "cpu"
     assert estimate.device_type(config(device="cuda"), gpu=False) == "cuda"
-    assert estimate.slurm_gpu("gpu:v100:1", None) == "hydra.launcher.gres=gpu:v100:1"
-    assert estimate.slurm_gpu(None, 2) == "hydra.launcher.gpus_per_node=2"
-    assert estimate.slurm_gpu("nvme:1", None) is None and estimate.local_gpu([]) is None
+    assert slurm_gpu("gpu:v100:1", None) == "hydra.launcher.gres=gpu:v100:1"
+    assert slurm_gpu(None, 2) == "hydra.launcher.gpus_per_node=2"
+    assert slurm_gpu("nvme:1", None) is None and local_gpu([]) is None
 
 
 # --- the estimate ------------------------------------------------------------------------------------

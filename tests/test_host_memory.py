@@ -174,11 +174,10 @@ def test_resizing_arrays_in_chunks_gives_the_same_images():
 # ------------------------------------------------------------------------------ Slurm: killed for memory
 
 def test_a_slurm_cell_killed_for_memory_says_so_and_what_to_change(tmp_path, monkeypatch):
-    from launcher import slurm_state
+    from launcher import cellstate, slurm_state
+    from launcher.cellstate import CellState, CellStatus, error_headline
     from launcher.slurm_state import SlurmRecord, refresh_status
     from launcher.status import as_text
-    from proxyattention import cellstate
-    from proxyattention.cellstate import CellState, CellStatus, error_headline
 
     sweep = tmp_path / "sweep"
     cell = Path(cellstate.cells_root(sweep)) / "abc"

@@ -69,7 +69,7 @@ def test_run_flag_is_explained_in_one_line(tmp_path):
 
 def test_a_launcher_that_is_not_ours_is_refused(tmp_path):
     proc = launcher("hydra/launcher=basic", "model=test_resnet", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
-    one_line_error(proc, "this project's launchers", "proxyattention.train -m")
+    one_line_error(proc, "the launcher's own launchers", "proxyattention.train -m")
     assert not (tmp_path / "s").exists()
 
 

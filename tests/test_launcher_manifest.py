@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import manifest
+from launcher import cellstate, manifest
+from launcher.cellstate import CellState, CellStatus, Owner
 from launcher.manifest import CellRecord
-from proxyattention import cellstate
-from proxyattention.cellstate import CellState, CellStatus, Owner
 
 
 def _claim_in_child(cell: str, barrier, results) -> None:

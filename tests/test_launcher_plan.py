@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from launcher.plan import (
+from proxyattention.sweep.plan import (
     Composer,
     PlanError,
     cached_plan,
@@ -21,6 +19,8 @@ from launcher.plan import (
     snapshot_yaml,
     write_plan_files,
 )
+from omegaconf import OmegaConf
+
 from launcher.plugin import sweep_name
 from proxyattention.config import register_configs
 from proxyattention.identity import cell_id
@@ -146,7 +146,7 @@ def test_planning_never_imports_torch(tmp_path):
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
         "print('HEAVY', heavy)\n"
-        "assert 'launcher.plan' in sys.modules and 'launcher.local' in sys.modules\n"
+        "assert 'proxyattention.sweep.plan' in sys.modules and 'launcher.local' in sys.modules\n"
         "assert not heavy, heavy\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -164,8 +164,8 @@ def test_cfg_job_shows_the_config(run_module, tmp_path):
 
 
 def test_status_of_a_synthetic_sweep(run_module, tmp_path, composer_fn):
-    from proxyattention import cellstate
-    from proxyattention.cellstate import CellState, CellStatus, Owner
+    from launcher import cellstate
+    from launcher.cellstate import CellState, CellStatus, Owner
 
     plan = plan_sweep(grid(**{"proxy.threshold": [0.1, 0.4]}), composer_fn, tmp_path)
     write_plan_files(plan)

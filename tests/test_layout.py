@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,21 +83,44 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_library_never_imports_the_launcher():
+def test_the_launcher_core_never_imports_the_app():
+    """launcher/ is a Hydra launcher with a store; proxyattention/ is one app that uses it. The app plugs in
+    through the entry point group ``launcher.apps`` (proxyattention.sweep.app.TrialApp), never by import."""
     graph = import_graph()
-    offenders = {m: sorted(n for n in deps if n.startswith("launcher"))
-                 for m, deps in graph.items() if m.startswith("proxyattention")}
+    offenders = {m: sorted(n for n in deps if n.startswith("proxyattention"))
+                 for m, deps in graph.items() if m.startswith("launcher")}
     assert not {m: d for m, d in offenders.items() if d}
 
 
+def test_the_launcher_core_names_no_app_module():
+    """Not even as a string (``python -m proxyattention.cell``, ``importlib.import_module("proxyattention…")``)."""
+    named = []
+    for mod, path in _modules().items():
+        if mod.startswith("launcher"):
+            code = [ln for ln in path.read_text().splitlines() if not ln.strip().startswith("#")]
+            named += [f"{mod}: {ln.strip()}" for ln in code
+                      if re.search(r"[\"']proxyattention[.\"']", ln)]
+    assert not named
+
+
+def test_the_app_registers_itself_in_one_place():
+    import tomllib
+
+    from launcher import apps
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][apps.GROUP]
+    assert eps == {"proxyattention": "proxyattention.sweep.app:TrialApp"}
+    assert [a.name for a in apps.installed()] == ["proxyattention"]
+
+
 def test_one_home_for_identity_and_atomic_writes():
-    """Cell ids are computed only by proxyattention.identity; temp-file renames only in fileio."""
+    """Ids are hashed only by launcher.fileio.digest; temp-file renames only in fileio."""
     for mod, path in _modules().items():
         text = path.read_text()
-        if mod != "proxyattention.identity":
+        if mod != "launcher.fileio":
             assert "hashlib.sha256(blob" not in text, f"{mod} hashes configs itself"
-        if mod != "proxyattention.fileio":
-            assert "os.replace(" not in text, f"{mod} renames temp files itself; use proxyattention.fileio"
+        if mod != "launcher.fileio":
+            assert "os.replace(" not in text, f"{mod} renames temp files itself; use launcher.fileio"
 
 
 def test_no_private_name_crosses_a_module():

@@ -20,15 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from fakecell import cells, runs
-from launcher import manifest
+from omegaconf import OmegaConf
+from waiting import wait_for
+
+from launcher import cellstate, fileio, manifest, progress
+from launcher.cellstate import CellState, CellStatus, Owner
 from launcher.console import Console
 from launcher.manifest import CellRecord, Rerun
-from proxyattention import cellstate, fileio, progress
-from proxyattention.cellstate import CellState, CellStatus, Owner
-from waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("dataset=digits", "model=test_resnet", "explain.enabled=false")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from launcher.cellstate import error_headline
 from proxyattention import identity
 from proxyattention.analysis import stats, table
-from proxyattention.cellstate import error_headline
 from proxyattention.config import TrialConfig
 from proxyattention.identity import baseline_of, cell_id
 
@@ -242,7 +242,11 @@ def test_pairs_that_trained_differently_are_refused_and_mixed_devices_flagged(tm
 
 
 def test_a_bf16_cell_and_an_fp16_baseline_are_refused_and_devices_named(tmp_path):
-    from proxyattention.analysis.report import _device_notes, _devices_line, _refused_pairs
+    from proxyattention.analysis.report import (
+        _device_notes,
+        _devices_line,
+        _refused_pairs,
+    )
 
     s = tmp_path / "sweep"
     v100 = {"type": "cuda", "name": "Tesla V100-SXM2-32GB", "precision": "fp16", "batch_size": 128}

@@ -29,12 +29,18 @@ def wait_for(pred, timeout: float, what: str):
     """Poll every 2 s: each poll may ask squeue/sacct."""
     return _wait_for(pred, timeout, what, step=2.0)
 
-from launcher import manifest, slurm, slurm_state
+from launcher import cellstate, manifest, slurm, slurm_state
+from launcher.cellstate import CellState, CellStatus
 from launcher.manifest import CellRecord
-from launcher.slurm import ArrayPlan, SlurmOptions, SlurmSubmitter, array_layout, chunks, sbatch_script
+from launcher.slurm import (
+    ArrayPlan,
+    SlurmOptions,
+    SlurmSubmitter,
+    array_layout,
+    chunks,
+    sbatch_script,
+)
 from launcher.slurm_state import SlurmRecord, view
-from proxyattention import cellstate
-from proxyattention.cellstate import CellState, CellStatus
 
 REPO = Path(__file__).resolve().parents[1]
 TRIAL = ("dataset=digits", "model=test_resnet", "explain.enabled=false", "dataset.image_size=16")
@@ -852,7 +858,7 @@ def test_thesis_rehearsal_with_offline_cached_weights(cluster, sweep, tmp_path):
     import torch
     import yaml
 
-    from proxyattention.cellstate import REQUIRE_GPU_ENV
+    from launcher.cellstate import REQUIRE_GPU_ENV
 
     torch.manual_seed(123)  # an init no cell makes itself (cells seed 0): only loading it gives these
     seed = timm.create_model("test_resnet").state_dict()

@@ -18,19 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fakecell import cells, runs
-from launcher import manifest
+from waiting import wait_for
+
+from launcher import cellstate, fileio, manifest
+from launcher.cellstate import CellState, CellStatus
 from launcher.local import LocalOptions, LocalRunner
 from launcher.manifest import Rerun
-from proxyattention import cellstate, fileio
 from proxyattention.analysis import table
-from proxyattention.cellstate import CellState, CellStatus
-from waiting import wait_for
 
 STORE_SHIM = r'''
 import builtins, errno, io, os
-from proxyattention import fileio
+from launcher import fileio
 
 _fail_at = int(os.environ.get("FAKE_STATUS_WRITE_FAIL_AT", "0"))  # ENOSPC at this status.json write
 _calls = [0]

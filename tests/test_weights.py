@@ -173,7 +173,7 @@ def test_the_command_expands_a_sweep_like_the_launcher(caches, tmp_path):
                "proxy.threshold=0.1,0.4", cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"{MODEL}: cached: " in proc.stdout and "resnet18: error: not cached" in proc.stdout
-    thesis = run("launcher.models", "+sweep=thesis_weights", cwd=tmp_path)  # needs no dataset on disk
+    thesis = run("proxyattention.sweep.models", "+sweep=thesis_weights", cwd=tmp_path)  # needs no dataset on disk
     assert thesis.returncode == 0, thesis.stderr
     assert json.loads(thesis.stdout) == [{"name": "efficientnet_b0", "pretrained": True},
                                          {"name": "resnet18", "pretrained": True}]

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from proxyattention.fileio import read_json
+from launcher.fileio import read_json
 from proxyattention.schedule import parse_schedule
 
 MAX_PANELS = 12  # dataset/model panels in the learning-curve figure

@@ -15,7 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from proxyattention.fileio import CHECKPOINT, CONFIG, RESULT, read_json
+from launcher.fileio import CONFIG, RESULT, read_json
+from proxyattention.paths import CHECKPOINT
 
 TILE_MIN = 96  # attention-map tiles are upscaled (nearest) to at least this many pixels
 HEADER_H, CAPTION_H, PAD = 18, 14, 4

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from launcher.cellstate import CellState
 from proxyattention.analysis.figures import (
     MAX_PANELS,
     figure_bars,
@@ -48,6 +49,7 @@ from proxyattention.analysis.table import (
     EXPLAIN_METRICS,
     METRIC_DIRECTIONS,
     MIN_SEEDS,
+    TRIAL_ROLES,
     ResultsError,
     check_tensorboard,
     config_labels,
@@ -56,7 +58,6 @@ from proxyattention.analysis.table import (
     load_results,
     results_csv_frame,
 )
-from proxyattention.cellstate import CellState
 from proxyattention.config import CAM_METHODS
 
 log = logging.getLogger(__name__)
@@ -969,6 +970,12 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
     sweep = Path(sweep_dir)
     out = Path(rc.out) if rc.out else sweep / "report"
     df = load_results(sweep)  # first: a folder that is not a sweep is named as such
+    jobs = ~df["role"].isin(list(TRIAL_ROLES)) & df["role"].notna() if not df.empty else None
+    if jobs is not None and jobs.all():
+        raise ResultsError(f"{sweep} holds another app's jobs, not Proxy Attention trials: this report is for "
+                           f"Proxy Attention trials; see its table with python -m launcher.results {sweep}")
+    other = int(jobs.sum()) if jobs is not None else 0
+    df = df[~jobs] if other else df
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -978,6 +985,9 @@ def build_report(sweep_dir: str | Path, rc: Optional[ReportConfig] = None) -> Pa
                            "with report.out=DIR") from None
     results_csv_frame(df).to_csv(out / "results.csv", index=False)
     md = [f"# Proxy Attention report — `{sweep}`", ""]
+    if other:
+        md += [f"{other} cell{'s' if other != 1 else ''} of another app left out (`python -m launcher.results "
+               f"{sweep}` lists them).", ""]
     if df.empty:
         md.append("No cells yet (no cells/*/config.yaml).")
         (out / "report.md").write_text("\n".join(md) + "\n")

@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from proxyattention import identity
-from proxyattention.cellstate import (
+from launcher.cellstate import (
     STATUS,
     CellState,
     error_headline,
@@ -33,8 +32,11 @@ from proxyattention.cellstate import (
     result_content_problem,
     result_problem,
 )
+from launcher.fileio import CONFIG, ERROR, RESULT, read_json
+from proxyattention.paths import CHECKPOINT, TB_DIR
+from launcher.results import SweepFolderError, load_cells
+from proxyattention import identity
 from proxyattention.config import GROUP_SCHEMAS
-from proxyattention.fileio import CHECKPOINT, CONFIG, ERROR, RESULT, TB_DIR, read_json
 
 PROXY_PARAMS = ("proxy.schedule", "proxy.threshold", "proxy.weight", "proxy.subset", "proxy.mode",
                 "proxy.target", "proxy.clear_every_step", "method.name")
@@ -83,7 +85,7 @@ def _plans(sweep: Path) -> dict[str, dict]:
 
 
 def _state(has_status: bool, status: Any, done: bool, error: Optional[dict], pruned: bool = False) -> str:
-    """The cell's state: its ``status.json``'s as :func:`proxyattention.cellstate.read_status` judges it
+    """The cell's state: its ``status.json``'s as :func:`launcher.cellstate.read_status` judges it
     (DAMAGED when it cannot be trusted), else what its result or error files say."""
     if has_status or status.state == CellState.DAMAGED:
         return status.state.value
@@ -125,7 +127,7 @@ def _result_columns(cell: Path, result: dict) -> dict[str, Any]:
 
 def _cell_row(cell: Path, now: float) -> dict[str, Any]:
     """The state, error, result and path columns of one cell folder. An entry that cannot be trusted
-    (see :func:`proxyattention.cellstate.read_status`: a status that is not JSON, has an unknown state or
+    (see :func:`launcher.cellstate.read_status`: a status that is not JSON, has an unknown state or
     wrong types, or a DONE whose result is missing, truncated or malformed) is DAMAGED, the reason in
     ``problem``."""
     has_status = os.path.lexists(cell / STATUS)
@@ -207,6 +209,35 @@ def _add_identity(row: dict[str, Any], full: dict, ids: tuple[str, str, Optional
                 row[f"{group}.{k}"] = v
 
 
+TRIAL_ROLES = ("proxy", "baseline")
+
+
+def _is_job_cell(cell: Path, plan: Optional[dict]) -> bool:
+    """Whether the cell is another app's job (:mod:`launcher.taskcell`), not a trial: its plan gives it
+    another role (``job``), or, planned by no plan, it holds a pickled job or its return."""
+    if plan is not None:
+        return plan.get("role", "proxy") not in TRIAL_ROLES
+    from launcher.taskcell import JOB, JOB_RETURN  # here: it imports hydra
+
+    return os.path.lexists(cell / JOB) or os.path.lexists(cell / JOB_RETURN)
+
+
+def _job_rows(sweep: Path, ids: set[str]) -> list[dict[str, Any]]:
+    """The rows of another app's cells, as :func:`launcher.results.load_cells` reads them (config keys
+    flattened, ``return_value``), with this table's identity columns empty."""
+    try:
+        df = load_cells(sweep, ids)
+    except SweepFolderError as e:
+        raise ResultsError(str(e)) from None
+    rows = df.to_dict(orient="records")
+    for row in rows:
+        row.update({"config_id": None, "baseline_id": None,
+                    "problem": f"DAMAGED: {row['error']}" if row["state"] == CellState.DAMAGED.value else ""})
+        if row["role"] in TRIAL_ROLES + ("unknown",):
+            row["role"] = "job"
+    return rows
+
+
 def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per cell of ``SWEEP_DIR/cells/*`` (any folder holding ``config.yaml``), finished or not.
 
@@ -216,6 +247,11 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     of ``result.json`` (``test/acc``, ``explain/ad``, …), ``timing/*``, ``error``, ``problem``,
     ``overrides`` (from the launcher's plans) and paths (``dir``, ``result_path``, ``tb_dir``,
     ``checkpoint``).
+
+    Cells of another Hydra app's sweep (role ``job`` in the plans: :mod:`launcher.taskcell`) are rows as
+    :func:`launcher.results.load_cells` reads them: every config key flattened (``a.b.c``), the job's
+    numeric ``return_value``, its other metrics, ``state``, ``error``, ``overrides`` and ``dir``, with
+    ``config_id`` and ``baseline_id`` empty.
     """
     sweep = Path(sweep_dir)
     root = sweep / "cells"
@@ -224,8 +260,12 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     now = time.time()
     plans = _plans(sweep)
     snapshots, rows, bare = [], [], []
+    jobs: set[str] = set()
     for name in sorted(set(os.listdir(root)) | set(plans)):
         cell = root / name
+        if is_cell_id(name) and _is_job_cell(cell, plans.get(name)):
+            jobs.add(name)
+            continue
         if not (cell / CONFIG).is_file():
             # A planned cell (or a link or folder named like one) without its config: gone from the
             # store, or damaged. Listed as a problem; a re-issue of the sweep makes and runs it again.
@@ -243,20 +283,21 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
         plan = plans.get(name)
         row["overrides"] = " ".join(plan.get("overrides", [])) if plan else ""
         rows.append(row)
-    if not rows and not bare:
+    job_rows = _job_rows(sweep, jobs) if jobs else []
+    if not rows and not bare and not job_rows:
         return pd.DataFrame(columns=["cell_id", "state", "role", "config_id", "baseline_id", "dir"])
     fulls = [identity.complete(s) for s in snapshots]
     ids = [identity.ids(f) for f in fulls]
     for row, full, cell_ids in zip(rows, fulls, ids):
         _add_identity(row, full, cell_ids, plans.get(row["cell_id"]))
-    df = pd.DataFrame(rows + bare)
+    df = pd.DataFrame(rows + bare + job_rows)
     # Pair by the config's id; folders are normally named by it (the launcher does).
     by_id = {cid: row["state"] for (cid, _, _), row in zip(ids, rows)}
     for row in bare:
         by_id.setdefault(row["cell_id"], row["state"])
     df["baseline_state"] = [by_id.get(b, "MISSING") if isinstance(b, str) else None
                             for b in df["baseline_id"]]
-    df["_key"] = [i[0] for i in ids] + [row["cell_id"] for row in bare]
+    df["_key"] = [i[0] for i in ids] + [row["cell_id"] for row in bare + job_rows]
     return df
 
 

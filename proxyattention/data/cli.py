@@ -9,7 +9,7 @@ put pretrained model weights into the cache.
 
 - ``weights [MODEL ...] [OVERRIDE ...] [--from-file MODEL=FILE]`` puts the pretrained weights of the
   named models, or of every ``model.pretrained=true`` model a sweep plans (the launcher's overrides,
-  ``+sweep=thesis_thresholds``; expanded by ``python -m launcher.models``), into the cache trials read
+  ``+sweep=thesis_thresholds``; expanded by ``python -m proxyattention.sweep.models``), into the cache trials read
   (:mod:`proxyattention.weights`): downloads them where there is internet (a cluster's login node), or
   copies a weights file into the cache (``--from-file``), then checks each loads. Cells on nodes without
   internet then start from that cache.
@@ -286,13 +286,13 @@ def _is_override(arg: str) -> bool:
 
 def sweep_models(overrides: Sequence[str]) -> list[dict]:
     """``[{"name", "pretrained"}]`` of the sweep ``python -m launcher OVERRIDES`` would plan (the
-    launcher expands it: ``python -m launcher.models``). Raises DataError with its message."""
+    launcher expands it: ``python -m proxyattention.sweep.models``). Raises DataError with its message."""
     import json
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "launcher.models", *overrides], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "proxyattention.sweep.models", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
-        msg = proc.stderr.strip() or f"python -m launcher.models exited {proc.returncode}"
+        msg = proc.stderr.strip() or f"python -m proxyattention.sweep.models exited {proc.returncode}"
         raise DataError(msg.removeprefix("error: "))
     return json.loads(proc.stdout)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from launcher.fileio import read_json, write_json_atomic
 from proxyattention.data.samples import Samples, content_hash
-from proxyattention.fileio import read_json, write_json_atomic
 
 LISTING_VERSION = 1
 FILE_STAMP_LIMIT = 20_000  # above this many files only folders are stamped (stat-ing them all would cost seconds)

@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from launcher.fileio import write_json_atomic
 from proxyattention.data.samples import Samples, content_hash
-from proxyattention.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 

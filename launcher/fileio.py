@@ -1,7 +1,7 @@
-"""Files written whole or not at all, and the names of a trial folder's files.
+"""Files written whole or not at all, and the names of the files every cell folder has.
 
-Every file this project writes for another process to read (``status.json``, ``result.json``, plans,
-manifests, splits, checkpoints) goes through :func:`atomic_file`: a unique temp file beside the target,
+Every file the launcher and its apps write for another process to read (``status.json``, ``result.json``,
+plans, manifests, checkpoints) goes through :func:`atomic_file`: a unique temp file beside the target,
 then ``os.replace``. A reader never sees half a file, and an interrupted write leaves no temp file behind
 (a ``kill -9`` can; :func:`remove_stale_temps` clears those). Standard library only: the launcher uses it.
 """
@@ -9,6 +9,7 @@ then ``os.replace``. A reader never sees half a file, and an interrupted write l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -17,13 +18,10 @@ import traceback
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
-# The files of one trial folder (a sweep cell's folder is a trial folder).
+# The files every cell folder has: the job's config, and its outcome (an app's cell adds its own files).
 CONFIG = "config.yaml"
 RESULT = "result.json"
 ERROR = "error.json"
-CHECKPOINT = "checkpoint.pt"
-TB_DIR = "tb"
-LOG = "trial.log"
 
 _TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname()
@@ -79,10 +77,16 @@ def read_json(path: str | Path) -> Optional[dict]:
 
 
 def write_error(out_dir: str | Path, exc: BaseException) -> None:
-    """``error.json`` of a failed trial: the exception's type, message and traceback."""
+    """``error.json`` of a failed cell: the exception's type, message and traceback."""
     write_json_atomic(Path(out_dir) / ERROR, {
         "status": "failed",
         "type": type(exc).__name__,
         "error": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     })
+
+
+def digest(obj: Any) -> str:
+    """A stable 12-hex-digit id of a JSON value (keys sorted): the one hash every cell id is made with."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

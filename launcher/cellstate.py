@@ -1,7 +1,7 @@
 """Cell states as every reader and writer of a sweep sees them: the one torch-free definition.
 
 A cell's ``status.json`` holds a :class:`CellStatus`; no file means PENDING. The launcher (local pool,
-Slurm jobs, ``launcher.status``) and the results table (:mod:`proxyattention.analysis.table`) read
+Slurm jobs, ``launcher.status``) and the results tables (:mod:`launcher.results`, an app's own) read
 states through this module, so there is one list of states, one rule for a RUNNING cell whose
 owner is gone (:func:`effective_status`) and one rule for an entry that cannot be trusted: a
 ``status.json`` that is not JSON, names an unknown state or holds wrong types, or says DONE while
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from proxyattention.fileio import RESULT, read_json, write_json_atomic
+from launcher.fileio import RESULT, read_json, write_json_atomic
 
 CELLS = "cells"
 STATUS = "status.json"
@@ -35,9 +35,9 @@ DEFAULT_STALE_AFTER_S = 120.0
 
 HOST = socket.gethostname()
 # Set by the launcher for a cell that asked for a GPU (a GPU Slurm profile, or a local cell pinned to a
-# GPU); read by the trial (proxyattention.device): such a cell never falls back to the CPU.
+# GPU); an app's cell reads it (this project's trials do) and never falls back to the CPU.
 REQUIRE_GPU_ENV = "PROXYATTENTION_REQUIRE_GPU"
-# What a cell id looks like (proxyattention.identity: the first 12 hex digits of a sha256). Ids read from
+# What a cell id looks like (launcher.fileio.digest: the first 12 hex digits of a sha256). Ids read from
 # files (plans) are checked against it before they name a folder.
 CELL_ID = re.compile(r"[0-9a-f]{12}\Z")
 
@@ -56,7 +56,7 @@ class CellState(str, enum.Enum):
     TIMEOUT = "TIMEOUT"
     CANCELLED = "CANCELLED"
     DAMAGED = "DAMAGED"  # its status or result cannot be trusted (see read_status); never DONE, redone
-    # Stopped early at a prune request (proxyattention.progress): finished, not failed, never rerun but by
+    # Stopped early at a prune request (launcher.progress): finished, not failed, never rerun but by
     # rerun=all; its result.json is partial ("status": "pruned") and never read as a finished result.
     PRUNED = "PRUNED"
 
@@ -371,11 +371,11 @@ def read_result(cell: Path) -> Optional[dict]:
     return d if d is not None and result_content_problem(d) is None else None
 
 
-PRUNED_RESULT = "pruned"  # the "status" of the partial result.json of a trial stopped at a prune request
+PRUNED_RESULT = "pruned"  # the "status" of the partial result.json of a cell stopped at a prune request
 
 
 def read_pruned(cell: Path | str) -> Optional[dict]:
-    """The partial ``result.json`` of a trial stopped at a prune request (``"status": "pruned"``, a
+    """The partial ``result.json`` of a cell stopped at a prune request (``"status": "pruned"``, a
     ``"pruned"`` object, metrics of numbers), else None. Never a finished result (:func:`read_result`)."""
     d = read_json(os.path.join(cell, RESULT))
     if d is None or d.get("status") != PRUNED_RESULT or not isinstance(d.get("pruned"), dict):

@@ -1,7 +1,9 @@
-"""A running trial's progress, and the request that stops it early (pruning): two small files in its folder.
+"""A running cell's progress, and the request that stops it early (pruning): two small files in its folder.
 
-``progress.json`` — written by the trial (:mod:`proxyattention.train`) when training starts and after every
-epoch, atomically (temp file + ``os.replace``), so a reader never sees half of it::
+The protocol between the launcher and a cell that trains for epochs (this project's trials follow it:
+``proxyattention.train``); a cell that writes neither file simply shows no progress and is never pruned.
+
+``progress.json`` — written by the cell when training starts and after every epoch, atomically (temp file + ``os.replace``), so a reader never sees half of it::
 
     {"version": 1, "epoch": 2, "epochs": 4,          epochs done, epochs in all
      "started": 1700000000.0, "updated": 1700000123.4,  this attempt's start, the last write (Unix s)
@@ -17,12 +19,12 @@ per-image data; its size grows by one row per epoch. ``launcher.status`` and the
 for RUNNING cells (:func:`summary`: epoch k of N, the last validation accuracy, the time left); it is in
 the cell folder, so Slurm cells on a shared filesystem show the same.
 
-``prune.json`` — a request to stop the trial early, written by whoever decides (a sweeper's pruner) with
+``prune.json`` — a request to stop the cell early, written by whoever decides (a sweeper's pruner) with
 :func:`request_prune`. The trial looks for it at every epoch boundary (after validation, the checkpoint and
 ``progress.json``; and before its first epoch, for a request made while it was not running): when it is
 there, the trial stops, writes ``result.json`` with ``"status": "pruned"``, its partial history and
 metrics so far and ``"pruned": {"epoch", "epochs", "reason", "requested"}``, and exits 0; its launcher
-records the cell PRUNED (:class:`proxyattention.cellstate.CellState`). A pruned result is never a
+records the cell PRUNED (:class:`launcher.cellstate.CellState`). A pruned result is never a
 finished result: readers of finished results (``read_result``, the report) leave it out.
 
 Standard library only: the launcher reads these files without torch.
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from proxyattention.fileio import read_json, write_json_atomic
+from launcher.fileio import read_json, write_json_atomic
 
 PROGRESS = "progress.json"
 PRUNE = "prune.json"

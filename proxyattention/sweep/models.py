@@ -1,4 +1,4 @@
-"""The models a sweep plans, without running it: ``python -m launcher.models OVERRIDES...``.
+"""The models a sweep plans, without running it: ``python -m proxyattention.sweep.models OVERRIDES...``.
 
 Prints ``[{"name": ..., "pretrained": ...}, ...]`` as JSON for the sweep ``python -m launcher OVERRIDES``
 would plan: ``python -m proxyattention.data weights +sweep=NAME`` reads it to fetch the pretrained
@@ -12,9 +12,9 @@ import json
 import re
 from typing import Optional, Sequence
 
+from proxyattention.sweep.plan import Compose, Composer
 from omegaconf import OmegaConf
 
-from launcher.plan import Compose, Composer
 from proxyattention.config import GROUP_SCHEMAS
 
 
@@ -75,7 +75,7 @@ def planned_models(argv: Sequence[str]) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m launcher.models OVERRIDES...``: print :func:`planned_models` as JSON (exit 2: bad sweep)."""
+    """``python -m proxyattention.sweep.models OVERRIDES...``: print :func:`planned_models` as JSON (exit 2: bad sweep)."""
     import sys
 
     from hydra.errors import HydraException

@@ -20,7 +20,7 @@ estimate, never matched (which model a Slurm job gets is the scheduler's choice)
 
 **Reading the store.** Only when dry-running, once: one pass over the store's entries (and the sweep
 folder's own cells when they do not live in the store), each read through the tolerant
-:func:`proxyattention.cellstate.read_status` (a DONE status is trusted only while its ``result.json``
+:func:`launcher.cellstate.read_status` (a DONE status is trusted only while its ``result.json``
 has the size it finished with); only a DONE cell's ``result.json`` is opened, and parsed from its
 ``timing`` on (:func:`read_result_tail`: its per-epoch ``history`` is skipped). A DAMAGED or unreadable
 entry is skipped and counted, never an error. The configs of the cells that would run come from the plan in memory
@@ -39,11 +39,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from launcher import cellstate, fileio
+from launcher.cellstate import CellState
 from launcher.console import fmt_duration
-from proxyattention import cellstate, fileio
-from proxyattention.cellstate import CellState
 from proxyattention.schedule import ScheduleError, parse_schedule
 
 GROUP_LINES = 20  # groups listed one a line; beyond, a count
@@ -175,7 +175,7 @@ _TAIL_KEYS = ("timing", "run", "config")
 def read_result_tail(path: str) -> Optional[dict]:
     """The members of a DONE cell's ``result.json`` an estimate reads (``timing`` to the end), without
     parsing its per-epoch ``history``; a file laid out otherwise is read whole by
-    :func:`proxyattention.cellstate.read_result`. None when it cannot be read."""
+    :func:`launcher.cellstate.read_result`. None when it cannot be read."""
     try:
         with open(os.path.join(path, fileio.RESULT), "rb") as f:
             data = f.read()
@@ -285,7 +285,7 @@ def snapshot_config(text: str) -> Optional[dict]:
     """The keys an estimate needs from a cell's ``config.yaml``, or None when they cannot be read.
 
     The planner writes one ``group:`` line and then one ``  key: value`` line per key
-    (:func:`launcher.plan.snapshot_yaml`), so the few needed lines are picked and read alone; a file
+    (:func:`proxyattention.sweep.plan.snapshot_yaml`), so the few needed lines are picked and read alone; a file
     laid out otherwise, or a value spelt otherwise, is parsed whole by YAML."""
     out: dict = {}
     found = 0
@@ -521,18 +521,3 @@ def dry_run_estimate(sweep_dir: Path, cell_ids: Sequence[str], store: Optional[s
     if not cell_ids:
         return "estimate: no cell would run"
     return format_estimate(estimate(sweep_dir, cell_ids, store, gpu=bool(gpu)), gpu, timeout_min)
-
-
-def slurm_gpu(gres: Optional[str], gpus_per_node: Optional[int]) -> Optional[str]:
-    """How a Slurm cell gets a GPU (as :attr:`launcher.slurm.SlurmOptions.wants_gpu` decides), or None."""
-    if "gpu" in str(gres or ""):
-        return f"hydra.launcher.gres={gres}"
-    if gpus_per_node:
-        return f"hydra.launcher.gpus_per_node={gpus_per_node}"
-    return None
-
-
-def local_gpu(gpus: Iterable[str]) -> Optional[str]:
-    """How a local cell gets a GPU: the GPUs the pool pins cells to, or None."""
-    found = list(gpus)
-    return f"GPUs {','.join(found)} found" if found else None

@@ -31,9 +31,9 @@ import yaml
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import manifest
+from launcher import cellstate, fileio, manifest
 from launcher.manifest import CellRecord
-from proxyattention import cellstate, fileio, identity
+from proxyattention import identity
 from proxyattention.config import (
     GROUP_SCHEMAS,
     ConfigError,
@@ -327,9 +327,11 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Compose, sweep_d
     if errors:
         more = f"\n({n_bad - len(errors)} more bad jobs not shown)" if n_bad > len(errors) else ""
         raise PlanError("\n".join(errors) + more + "\nNo cell was started; fix the override and run again.")
-    from launcher.estimate import remember_plan  # a dry run writes no config: it estimates from these
+    from proxyattention.sweep.estimate import (
+        remember_plan,  # a dry run writes no config: it estimates from these
+    )
 
-    return remember_plan(Plan(sweep_dir=Path(sweep_dir), plan_id=identity.plan_id(job_overrides),
+    return remember_plan(Plan(sweep_dir=Path(sweep_dir), plan_id=manifest.plan_id(job_overrides),
                               cells=[cells[c] for c in order], job_cells=job_cells, datasets=data.datasets))
 
 
@@ -534,7 +536,7 @@ def fingerprint(config_dirs: Sequence[Path]) -> str:
 def cached_plan(sweep_dir: Path, job_overrides: Sequence[Sequence[str]], fp: str) -> Optional[Plan]:
     """The recorded plan of exactly these jobs, if nothing it depends on changed and its cells exist."""
     sweep_dir = Path(sweep_dir)
-    pid = identity.plan_id(job_overrides)
+    pid = manifest.plan_id(job_overrides)
     d = fileio.read_json(sweep_dir / manifest.PLANS / f"{pid}.json")
     if d is None or not fp or d.get("fingerprint") != fp or len(d.get("job_cells", ())) != len(job_overrides):
         return None

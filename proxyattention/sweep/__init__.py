@@ -1,0 +1,2 @@
+"""This project's trials as an app of the launcher: planning with paired baselines, the model check,
+the dry run's estimate and ``python -m proxyattention.sweep.models`` (:mod:`proxyattention.sweep.app`)."""
