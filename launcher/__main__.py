@@ -75,9 +75,10 @@ def command_app() -> "apps.App":
     for app in apps.installed():
         if app.config_dir() is not None:
             return app
-    print("error: python -m launcher runs the sweeps of an installed app with a config folder of its own, and "
-          "none is installed; run any Hydra app's sweep as `python my_app.py -m hydra/launcher=local key=a,b`",
-          file=sys.stderr)
+    print("error: python -m launcher runs the sweeps of an installed app with a config folder of its own "
+          f"(entry point group {apps.GROUP}), and none is installed: in a checkout updated since it was "
+          "installed, install it again (pip install -e .); any Hydra app sweeps with `python my_app.py -m "
+          "hydra/launcher=local key=a,b`", file=sys.stderr)
     sys.exit(2)
 
 

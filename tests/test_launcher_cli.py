@@ -67,6 +67,20 @@ def test_run_flag_is_explained_in_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "python -m proxyattention.train" in proc.stderr
 
 
+def test_without_an_installed_app_the_command_says_how_to_install_it(monkeypatch, capsys):
+    """An editable install made before the app registered itself (launcher.apps) lacks its entry point."""
+    from launcher import __main__ as command
+    from launcher import apps
+
+    assert command.command_app().name == "proxyattention"  # this checkout, installed
+    monkeypatch.setattr(apps, "installed", lambda: ())
+    with pytest.raises(SystemExit) as e:
+        command.command_app()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pip install -e ." in err and apps.GROUP in err and "hydra/launcher=local" in err
+
+
 def test_a_launcher_that_is_not_ours_is_refused(tmp_path):
     proc = launcher("hydra/launcher=basic", "model=test_resnet", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
     one_line_error(proc, "the launcher's own launchers", "proxyattention.train -m")
