@@ -104,12 +104,14 @@ def test_the_launcher_core_names_no_app_module():
 
 
 def test_the_app_registers_itself_in_one_place():
-    import tomllib
+    from importlib.metadata import entry_points
 
     from launcher import apps
 
-    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][apps.GROUP]
-    assert eps == {"proxyattention": "proxyattention.sweep.app:TrialApp"}
+    table = (ROOT / "pyproject.toml").read_text().split(f'[project.entry-points."{apps.GROUP}"]\n', 1)[1]
+    assert table.split("\n\n", 1)[0].strip() == 'proxyattention = "proxyattention.sweep.app:TrialApp"'
+    assert {e.name: e.value for e in entry_points(group=apps.GROUP)} == {
+        "proxyattention": "proxyattention.sweep.app:TrialApp"}  # installed as pyproject.toml says
     assert [a.name for a in apps.installed()] == ["proxyattention"]
 
 
