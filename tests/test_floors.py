@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -157,3 +160,23 @@ def test_optuna_apis(tmp_path):
     again.tell(Trial(again, running._trial_id), state=TrialState.PRUNED)
     again.tell(running.number, state=TrialState.FAIL, skip_if_finished=True)  # already finished: ignored
     assert again.trials[0].state == TrialState.PRUNED and again.trials[0].value == 0.2
+
+
+@pytest.mark.floors
+def test_any_apps_task_function_pickled_by_value(tmp_path, monkeypatch):
+    """A foreign Hydra app's sweep (tests/apps/counter_app.py) on the local backend: launcher.taskcell
+    pickles the app's task function, defined in ``__main__``, by value with cloudpickle (2.0.0 misreads
+    Python 3.11's bytecode and cannot), and each cell's process unpickles and runs it."""
+    from launcher import taskcell
+
+    (tmp_path / "counters").mkdir()
+    monkeypatch.setenv("PROXYATTENTION_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("COUNTER_DIR", str(tmp_path / "counters"))
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "apps" / "counter_app.py"), "-m",
+                           "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "x=1,2"],
+                          cwd=tmp_path, env=dict(os.environ), text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cells = sorted((sweep / "cells").iterdir())
+    assert sorted(taskcell._read_pickle(c / taskcell.JOB_RETURN).return_value for c in cells) == [2.0, 4.0]
+    assert sorted(p.name for p in (tmp_path / "counters").iterdir()) == ["x=1", "x=2"]
