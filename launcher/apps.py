@@ -32,6 +32,7 @@ class App:
     name = "task"
     roles: tuple[str, ...] = ("job",)  # the roles of the cells this app plans (CellRecord.role)
     summary_metrics: tuple[str, ...] = ("return_value",)  # metrics of result.json a cell's status keeps
+    default_objective = "return_value"  # what a job returns to an adaptive sweeper when hydra.launcher.objective is null
     # The summary's and status's result column: (header, metric of result.json, format).
     column: tuple[str, str, str] = ("return", "return_value", "{:.6g}")
 
@@ -59,6 +60,10 @@ class App:
 
     def register_configs(self) -> None:
         """Put the app's structured configs in Hydra's ConfigStore before ``python -m launcher`` composes."""
+
+    def check_options(self, launcher_cfg: Any) -> None:
+        """Refuse (``ValueError``, one line naming the key) ``hydra.launcher.*`` values this app cannot run
+        with, before anything is planned or written (the backend has checked its own)."""
 
     def dry_run_estimate(self, sweep_dir: Any, cell_ids: Sequence[str], store: Any, gpu: Optional[str],
                          timeout_min: Optional[float] = None) -> Optional[str]:

@@ -72,7 +72,7 @@ class LocalOptions:
     stale_after_s: float = cellstate.DEFAULT_STALE_AFTER_S
     cell_module: str = CELL_MODULE
     list_rows: int = 60
-    objective: str = "val/acc_best"
+    objective: Any = None  # null: the app's (launcher.objective)
     objective_vs_baseline: bool = False
     store: Optional[str] = None  # the cell store: a dry run into a new sweep folder reads cells from it
 

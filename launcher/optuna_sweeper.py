@@ -583,7 +583,8 @@ class OptunaSweeper(Sweeper):
         launcher.adaptive = True
         launcher.check_options()  # a backend that cannot return results refuses before anything is written
         lcfg = self.config.hydra.launcher
-        names = objective.names(lcfg.get("objective"))
+        app = apps.for_config(self.config)
+        names = objective.names(lcfg.get("objective"), app.default_objective if app else objective.RETURN_VALUE)
         gain = bool(lcfg.get("objective_vs_baseline", False))
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -832,7 +833,8 @@ class _StudyRun:
             study=study, n_trials=self.s.n_trials, worker_id=worker_id,
             lock=optuna_worker.lock_path(self.kind, self.where, self.sweep_dir), new_overrides=new_overrides,
             run=lambda trial, overrides: self.run_one(study, trial, overrides), alive=optuna_worker.slurm_alive,
-            stop=stop, elsewhere=lambda t: _running_elsewhere(self.sweep_dir, t.user_attrs.get("cell")))
+            stop=stop, elsewhere=lambda t: _running_elsewhere(self.sweep_dir, t.user_attrs.get("cell")),
+            reseed=lambda n: self.s.make_sampler(self.space, n))
         loop.loop()
         self._finish(study, f"worker {worker_id} interrupted: trial(s) {{}} stay RUNNING in the study; another "
                             "worker, or the workers of the same command issued again, resume them")

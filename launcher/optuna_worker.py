@@ -99,6 +99,9 @@ class WorkerLoop:
     stop: Callable[[], bool] = lambda: False
     elsewhere: Callable[[Any], bool] = lambda t: False  # a RUNNING trial of no worker whose cell another command runs
     say: Callable[[str], None] = print
+    # The sampler for a study that has n trials, made again before each ask: a seeded sampler's random state
+    # is per process, so two workers that opened the study at once would otherwise propose the same trials.
+    reseed: Optional[Callable[[int], Any]] = None
     told: List[tuple] = field(default_factory=list)  # (trial number, state) of this worker's trials
 
     def next_trial(self) -> Optional[tuple[Any, List[str], bool]]:
@@ -125,6 +128,10 @@ class WorkerLoop:
             counted = sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
             if counted >= self.n_trials:
                 return None
+            if self.reseed is not None:
+                sampler = self.reseed(len(trials))
+                if sampler is not None:
+                    self.study.sampler = sampler
             trial = self.study.ask()
             trial.set_user_attr(WORKER_ATTR, self.worker_id)
             try:

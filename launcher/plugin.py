@@ -69,8 +69,9 @@ class LocalLauncherConf:
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = "outputs/cells"  # the cell store every sweep links its cells from (null: none)
     list_rows: int = 60  # rows of a dry run's listing (0: every cell)
-    # What each job returns to an adaptive sweeper (a validation metric; a list: one per objective).
-    objective: Any = "val/acc_best"
+    # What each job returns to an adaptive sweeper (a metric of result.json; a list: one per objective;
+    # null: the app's default, launcher.apps.App.default_objective).
+    objective: Any = None
     objective_vs_baseline: bool = False  # return proxy − paired baseline of the objective instead
 
 
@@ -232,8 +233,13 @@ class SweepLauncher(Launcher):
         """The backend module, once it has accepted ``hydra.launcher`` (else a one-line SweepError)."""
         assert self.config is not None
         backend = importlib.import_module(f"launcher.{self.backend}")
+        from launcher import apps
+
+        app = apps.for_config(self.config)
         try:
             backend.check_options(self.config.hydra.launcher, adaptive=self.adaptive)
+            if app is not None:
+                app.check_options(self.config.hydra.launcher)
         except ValueError as e:
             raise SweepError(str(e)) from None
         return backend

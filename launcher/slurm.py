@@ -123,7 +123,7 @@ class SlurmOptions:
     cell_module: str = CELL_MODULE  # run as `python -m <cell_module> CELL_DIR`
     store: Optional[str] = None  # the cell store (the planner links cells from it; a dry run reads it)
     list_rows: int = 60  # rows of a dry run's listing (0: every cell)
-    objective: str = "val/acc_best"  # what a job returns to an adaptive sweeper (launcher.objective)
+    objective: Any = None  # what a job returns to an adaptive sweeper (launcher.objective; null: the app's)
     objective_vs_baseline: bool = False
     # An Optuna study (hydra/sweeper=optuna): how many worker jobs loop ask, run a cell, tell on it
     # (hydra.sweeper.n_jobs wins when set); timeout_min is then each worker's --time (launcher.optuna_worker).

@@ -150,6 +150,35 @@ def journal_study(path: Path, name: str = "s"):
     return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
 
 
+@pytest.mark.parametrize("reseed", [True, False])
+def test_two_workers_of_a_seeded_study_never_propose_the_same_trials(tmp_path, reseed):
+    """Both workers open the study before either asks (the Slurm array starts them at once): with the sampler
+    made again before each ask, seeded by the trials the study has, their trials differ; without, the
+    seeded sampler of each process replays the same suggestions."""
+    journal = tmp_path / "optuna.journal"
+    journal_study(journal)
+
+    def sampler(n_trials_so_far: int):
+        return optuna.samplers.TPESampler(seed=0 + n_trials_so_far)
+
+    studies = [journal_study(journal) for _ in ("w1", "w2")]
+    for s in studies:
+        s.sampler = sampler(0)  # each worker's sampler as it opened the study: no trials yet
+    params = []
+    for wid, study in zip(("w1", "w2", "w1", "w2"), studies * 2):
+        loop = ow.WorkerLoop(study=study, n_trials=4, worker_id=wid, lock=Path(str(journal) + ow.LOCK_SUFFIX),
+                             new_overrides=lambda t: [f"x={t.suggest_float('x', 0, 1)}"], run=lambda t, o: None,
+                             alive=lambda w: True, say=lambda s: None, reseed=sampler if reseed else None)
+        trial, overrides, resumed = loop.next_trial()
+        assert not resumed
+        study.tell(trial, trial.params["x"])
+        params.append(trial.params["x"])
+    if reseed:
+        assert len(set(params)) == 4, params
+    else:  # what the reseeding prevents
+        assert params[0] == params[1], params
+
+
 def test_two_workers_at_once_never_overshoot_n_trials(tmp_path):
     journal = tmp_path / "optuna.journal"
     journal_study(journal)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher import objective
+from proxyattention.sweep.app import check_objective
 from proxyattention import explain as explain_mod
 from proxyattention import identity
 from proxyattention import train as train_mod
@@ -50,9 +50,25 @@ def test_val_images_is_checked():
 
 
 def test_val_explain_metrics_are_an_objective_a_search_may_select_on():
-    objective.check_objective(["val/acc_best", "val/explain/insertion"])
-    with pytest.raises(ValueError):
-        objective.check_objective("explain/insertion")  # the test-image one stays refused
+    check_objective(["val/acc_best", "val/explain/insertion"])
+    with pytest.raises(ValueError, match="hydra.launcher.objective"):
+        check_objective("explain/insertion")  # the test-image one stays refused
+
+
+def test_the_launcher_takes_any_metric_name_and_the_trials_refuse_test_metrics():
+    """The rule on which metrics a search may select on is the trial app's; the launcher checks the shape."""
+    from launcher import objective
+    from proxyattention.sweep.app import TrialApp
+
+    for spec in (None, "test/acc", ["loss", "return_value"]):
+        objective.check_objective(spec)
+    for spec in ("", [], 3, ["val/acc", ""]):
+        with pytest.raises(ValueError, match="hydra.launcher.objective"):
+            objective.check_objective(spec)
+    with pytest.raises(ValueError, match="test split"):
+        TrialApp().check_options({"objective": "test/acc"})
+    TrialApp().check_options({"objective": None})  # null: val/acc_best
+    assert objective.names(None, TrialApp.default_objective) == ["val/acc_best"]
 
 
 def test_a_trial_and_its_baseline_record_val_explain_metrics_on_the_same_images(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from launcher.apps import App
+from proxyattention.sweep import DEFAULT_OBJECTIVE
 
 
 class TrialApp(App):
@@ -33,6 +34,7 @@ class TrialApp(App):
     roles = ("proxy", "baseline")
     column = ("test/acc", "test/acc", "{:.4f}")
     summary_metrics = ("test/acc", "val/acc_best", "proxy/images")
+    default_objective = DEFAULT_OBJECTIVE
 
     one_job_hint = "to run one trial in this process: python -m proxyattention.train KEY=VALUE ..."
     hydra_launchers_hint = ("to run trials with one of Hydra's own launchers use python -m proxyattention.train -m "
@@ -58,6 +60,9 @@ class TrialApp(App):
 
         return all(g in config for g in GROUP_SCHEMAS)
 
+    def check_options(self, launcher_cfg: Any) -> None:
+        check_objective(launcher_cfg.get("objective"))
+
     def dry_run_estimate(self, sweep_dir: Any, cell_ids: Sequence[str], store: Any, gpu: Optional[str],
                          timeout_min: Optional[float] = None) -> Optional[str]:
         from proxyattention.sweep.estimate import dry_run_estimate
@@ -69,3 +74,23 @@ class TrialApp(App):
         from proxyattention.sweep.launch import launch_trials
 
         return launch_trials(self, launcher, job_overrides, initial_job_idx)
+
+
+# What a search may select on: validation metrics (val/…, val/explain/… on seeded validation images) and,
+# as a second objective, training-side numbers (train/…, proxy/… such as proxy/images, a cost).
+OBJECTIVE_PREFIXES = ("val/", "train/", "proxy/")
+
+
+def check_objective(spec: Any) -> None:
+    """Raise ``ValueError`` naming ``hydra.launcher.objective`` if a name is not a metric a search may select
+    on: a sweeper selecting on the test split (``test/…``, and ``explain/…``, computed on test images) would
+    report a test score it has tuned to."""
+    from launcher import objective
+
+    objective.check_objective(spec)
+    for name in objective.names(spec, TrialApp.default_objective):
+        if not name.startswith(OBJECTIVE_PREFIXES):
+            raise ValueError(f"hydra.launcher.objective={name!r} must be a validation metric such as "
+                             f"{TrialApp.default_objective} (or a training-side one: train/…, proxy/…); a sweeper "
+                             "selecting on the test split (test/…, explain/… on test images) would report a tuned "
+                             "test score")

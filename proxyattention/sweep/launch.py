@@ -15,6 +15,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import cellstate, fileio, manifest, plugin
+from proxyattention.sweep import DEFAULT_OBJECTIVE
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def job_returns(sweep_dir: Path, jobs: Sequence[Sequence[str]], job_cells: Seque
     from launcher import objective
 
     cfg = launcher_cfg if launcher_cfg is not None else {}
-    name = cfg.get("objective") or objective.DEFAULT
+    name = cfg.get("objective") or DEFAULT_OBJECTIVE
     gain = bool(cfg.get("objective_vs_baseline", False))
     out = []
     for overrides, cid in zip(jobs, job_cells):
