@@ -22,9 +22,10 @@ import math
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,10 +157,13 @@ def train(cfg: DictConfig | TrialConfig, out_dir: str | Path) -> dict[str, Any]:
         if (request := progress_file.prune_request(trial.out)) is not None:
             return write_pruned(trial, request, setup_s, clock)
         t0 = time.perf_counter()
-        row = train_epoch(trial, epoch)  # one pass over the training images, mistakes recorded
-        row.update(validate(trial))
+        with memory_advice(trial, "training", epoch):
+            row = train_epoch(trial, epoch)  # one pass over the training images, mistakes recorded
+        with memory_advice(trial, "validation", epoch):
+            row.update(validate(trial))
         if epoch in trial.proxy_after:
-            row.update(run_proxy_step(trial, epoch))  # Proxy Attention
+            with memory_advice(trial, "the proxy step", epoch):
+                row.update(run_proxy_step(trial, epoch))  # Proxy Attention
         end_epoch(trial, epoch, row)  # log, checkpoint
         trial.epoch_s.append(time.perf_counter() - t0)
         write_progress(trial)
@@ -167,6 +171,38 @@ def train(cfg: DictConfig | TrialConfig, out_dir: str | Path) -> dict[str, Any]:
         return write_pruned(trial, request, setup_s, clock)
     metrics = test_and_explain(trial)
     return write_result(trial, metrics, setup_s, clock)
+
+
+# The setting that sizes each phase's batches: what an allocation failure there asks the user to lower.
+PHASE_BATCH_KEYS = {"training": "train.batch_size", "validation": "train.eval_batch_size",
+                    "the proxy step": "method.batch_size", "testing": "train.eval_batch_size",
+                    "explainability": "explain.batch_size"}
+
+
+@contextmanager
+def memory_advice(trial: Trial, phase: str, epoch: Optional[int]) -> Iterator[None]:
+    """Turn a failed device allocation (:func:`is_oom`) inside ``phase`` into a :class:`TrialError`
+    whose one line names the phase, the setting that sizes its batches, its value and what to rerun
+    with; the allocator's own message stays in ``error.json`` as the cause. Any other error passes."""
+    try:
+        yield
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        raise TrialError(memory_advice_line(trial, phase, epoch)) from e
+
+
+def memory_advice_line(trial: Trial, phase: str, epoch: Optional[int]) -> str:
+    key = PHASE_BATCH_KEYS[phase]
+    group, name = key.split(".")
+    size = trial.batch_size if key == "train.batch_size" else int(getattr(getattr(trial.cfg, group), name))
+    memory = "GPU memory" if trial.device.type == "cuda" else "memory"
+    at = f"epoch {epoch}" if epoch is not None else "after training"
+    fix = f"{key}={max(1, size // 2)}"
+    if key == "train.batch_size" and str(trial.cfg.train.batch_size) != "auto":
+        fix = f"train.batch_size=auto (the largest size that fits, with headroom) or {fix}"
+    return (f"out of {memory} in {phase} ({at}) at {key}={size}: rerun with {fix}; another value of it "
+            f"is another cell, which starts from its first epoch")
 
 
 def set_up(cfg: Any, out: Path) -> Trial:
@@ -657,7 +693,8 @@ def restore(saved: dict[str, Any], model: torch.nn.Module, optimizer: Any, sched
 def test_and_explain(trial: Trial) -> dict[str, Any]:
     """Test accuracy of the final model, and its explainability metrics (``explain.*``)."""
     t0 = time.perf_counter()
-    test_loss, test_acc = evaluate(trial, trial.data.test)
+    with memory_advice(trial, "testing", None):
+        test_loss, test_acc = evaluate(trial, trial.data.test)
     p = trial.progress
     p.timing["eval_s"] += time.perf_counter() - t0
     trial.writer.add_scalar("test/acc", test_acc, trial.epochs)
@@ -665,16 +702,18 @@ def test_and_explain(trial: Trial) -> dict[str, Any]:
     metrics: dict[str, Any] = {"test/acc": test_acc, "test/loss": test_loss, **training_metrics(trial)}
     if trial.cfg.explain.enabled:  # explainability on test images, judged with explain.method
         t0 = time.perf_counter()
-        explained = explain_trial(trial.model, trial.data.bank, trial.data.test, trial.cfg, trial.target_layer,
-                                  getattr(trial.data.samples, "masks", None))
+        with memory_advice(trial, "explainability", None):
+            explained = explain_trial(trial.model, trial.data.bank, trial.data.test, trial.cfg, trial.target_layer,
+                                      getattr(trial.data.samples, "masks", None))
         p.timing["explain_s"] = time.perf_counter() - t0
         metrics.update(explained)
         for key, value in explained.items():
             trial.writer.add_scalar(key, value, trial.epochs)
     if trial.cfg.explain.val_images > 0:  # the same metrics on validation images: val/explain/*, for a search
         t0 = time.perf_counter()
-        explained = explain_validation(trial.model, trial.data.bank, trial.data.val, trial.cfg,
-                                       trial.target_layer, getattr(trial.data.samples, "masks", None))
+        with memory_advice(trial, "explainability", None):
+            explained = explain_validation(trial.model, trial.data.bank, trial.data.val, trial.cfg,
+                                           trial.target_layer, getattr(trial.data.samples, "masks", None))
         p.timing["explain_s"] = p.timing.get("explain_s", 0.0) + time.perf_counter() - t0
         metrics.update(explained)
         for key, value in explained.items():

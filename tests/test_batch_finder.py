@@ -220,3 +220,58 @@ def test_auto_on_a_gpu_searches_and_the_checkpoint_keeps_the_choice_on_resume(tm
     monkeypatch.setattr(train_mod, "find_batch_size", lambda *a, **k: pytest.fail("searched again on resume"))
     again = train_mod.train(cfg, out)
     assert again["resumed_from_epoch"] == 2 and again["run"]["batch_size"] == 24
+
+
+@pytest.mark.parametrize("phase, target, key, value", [
+    ("training", "train_epoch", "train.batch_size", 16),
+    ("validation", "validate", "train.eval_batch_size", 8),
+    ("the proxy step", "run_proxy_step", "method.batch_size", 4),
+    ("testing", "evaluate", "train.eval_batch_size", 8),
+    ("explainability", "explain_trial", "explain.batch_size", 128),
+])
+def test_running_out_of_memory_names_the_phase_and_the_setting_to_lower(tmp_path, monkeypatch, phase, target,
+                                                                        key, value):
+    import json
+
+    cfg = _cfg(batch_size=16, progress=False)
+    cfg.dataset.cache_dir = str(tmp_path / "cache")
+    cfg.proxy.schedule = "1,p,1"
+    cfg.explain.images = 8
+    real = getattr(train_mod, target)
+    calls = []
+
+    def fails_in_the_second_epoch_or_at_the_end(*args, **kwargs):
+        calls.append(1)
+        if target == "evaluate" and args[1] is not args[0].data.test:
+            return real(*args, **kwargs)  # validation passes; the test set runs out
+        if target in ("train_epoch", "validate") and len(calls) < 2:
+            return real(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, target, fails_in_the_second_epoch_or_at_the_end)
+    out = tmp_path / "trial"
+    assert train_mod.run_trial(cfg, out) == 1
+    error = json.loads((out / "error.json").read_text())
+    at = {"training": "epoch 2", "validation": "epoch 2", "the proxy step": "epoch 1"}.get(phase, "after training")
+    assert error["type"] == "TrialError"
+    assert error["error"].startswith(f"out of memory in {phase} ({at}) at {key}={value}: rerun with ")
+    assert f"{key}={value // 2}" in error["error"] and "\n" not in error["error"]
+    assert ("train.batch_size=auto" in error["error"]) == (key == "train.batch_size")
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in error["traceback"]  # the cause is kept
+    assert not (out / "result.json").exists()
+
+
+def test_an_error_that_is_not_an_allocation_failure_keeps_its_own_message(tmp_path, monkeypatch):
+    import json
+
+    cfg = _cfg(batch_size=16, progress=False)
+    cfg.dataset.cache_dir = str(tmp_path / "cache")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)")
+
+    monkeypatch.setattr(train_mod, "train_epoch", broken)
+    out = tmp_path / "trial"
+    assert train_mod.run_trial(cfg, out) == 1
+    error = json.loads((out / "error.json").read_text())
+    assert error["type"] == "RuntimeError" and error["error"].startswith("mat1 and mat2 shapes")

@@ -236,3 +236,24 @@ def test_by_tables_of_searched_keys_are_binned(search_sweep):
         lows = [float(r[2].split("–")[0]) for r in rows]
         assert lows == sorted(lows)
         assert sum(int(re.search(r"\(n=(\d+)\)", r[3]).group(1)) for r in rows) == len(COMPLETE)
+
+
+@pytest.mark.parametrize("minimize", [False, True])
+def test_the_search_figure_rings_the_best_trial_in_the_studys_direction(tmp_path, monkeypatch, minimize):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from proxyattention.analysis import figures
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to read what was drawn
+    df = pd.DataFrame({"state": ["DONE"] * 4 + ["FAILED"], "role": ["proxy"] * 4 + ["proxy"],
+                       "proxy.threshold": [0.1, 0.4, 0.6, 0.85, 0.2],
+                       "val/loss": [0.9, 0.3, 0.7, 0.5, 0.01]})
+    assert figures.figure_search(df, ["proxy.threshold"], tmp_path / "s.png", "val/loss", minimize=minimize) \
+        == ["proxy.threshold"]
+    (ax,) = kept[0].axes
+    points, ring = ax.collections  # every DONE trial, then the ring
+    assert len(points.get_offsets()) == 4  # the FAILED trial is not drawn
+    expected = [0.4, 0.3] if minimize else [0.1, 0.9]
+    assert [float(v) for v in ring.get_offsets()[0]] == pytest.approx(expected)
