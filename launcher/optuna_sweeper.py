@@ -381,6 +381,16 @@ class CellProgress:
 
         progress.request_prune(cell, reason)
 
+    def mark_judged(self, cell: Path, epoch: int, poll_s: float) -> None:
+        from launcher import progress
+
+        progress.mark_judged(cell, epoch, poll_s)
+
+    def clear_judged(self, cell: Path) -> None:
+        from launcher import progress
+
+        progress.clear_judged(cell)
+
 
 @dataclass
 class Watched:
@@ -393,18 +403,26 @@ class Watched:
     pruned_at: Optional[int] = None  # the epoch after which it was asked to stop
 
 
+# With a pruner the monitor reads the cells' progress at least this often (s): a watched cell waits for
+# its verdict at every epoch boundary, on average half of this.
+JUDGE_POLL_S = 1.0
+
+
 class PruneMonitor:
     """While a batch runs: report each trial's per-epoch objective and ask the pruner.
 
     ``poll()`` is one pass over the watched trials; ``start()``/``stop()`` run it every ``poll_s`` in a
-    thread (``stop()`` ends with one last pass, so a trial's last epochs are reported before it is told)."""
+    thread (``stop()`` ends with one last pass, so a trial's last epochs are reported before it is told).
+    With a pruner it polls at least every :data:`JUDGE_POLL_S` and marks each watched cell's epochs as
+    judged (``judged.json``, :func:`launcher.progress.await_judgement`): the cell waits at its epoch
+    boundary for the verdict, so a pruned cell stops after the epoch that was pruned, not one later."""
 
     def __init__(self, source: ProgressSource, metric: str, prune: bool, poll_s: float = 10.0,
                  say: Callable[[str], None] = print) -> None:
         self.source = source
         self.metric = metric
         self.prune = prune
-        self.poll_s = poll_s
+        self.poll_s = min(poll_s, JUDGE_POLL_S) if prune else poll_s
         self.say = say
         self.watched: List[Watched] = []
         self._lock = threading.Lock()
@@ -421,17 +439,22 @@ class PruneMonitor:
         return next((w.pruned_at for w in self.watched if w.trial.number == trial_number), None)
 
     def values(self, w: Watched) -> Dict[int, float]:
+        return self._values(w)[1]
+
+    def _values(self, w: Watched) -> tuple[int, Dict[int, float]]:
+        """The cell's last epoch with a value, and the values to report (the gains, with a baseline)."""
         mine = self.source.metric_by_epoch(w.cell, self.metric)
+        last = max(mine, default=0)
         if w.baseline is None:
-            return mine
+            return last, mine
         base = self.source.metric_by_epoch(w.baseline, self.metric)
-        return {e: v - base[e] for e, v in mine.items() if e in base}
+        return last, {e: v - base[e] for e, v in mine.items() if e in base}
 
     def poll(self) -> None:
         with self._lock:
             watched = list(self.watched)
         for w in watched:
-            values = self.values(w)
+            last, values = self._values(w)
             new = sorted(e for e in values if e not in w.reported)
             for e in new:
                 w.trial.report(values[e], step=e)
@@ -443,6 +466,10 @@ class PruneMonitor:
                 w.pruned_at = e
                 self.say(f"trial {w.trial.number}: pruning its cell {w.cell.name} after epoch {e} "
                          f"({self.metric} {values[e]:.4f})")
+            if self.prune and w.pruned_at is None and hasattr(self.source, "mark_judged"):
+                # Judged up to the cell's own last epoch, even one whose gain waits for its baseline:
+                # the cell never waits on another cell, only on this poll.
+                self.source.mark_judged(w.cell, last, self.poll_s)
 
     def _safe_poll(self) -> None:
         try:
@@ -467,6 +494,9 @@ class PruneMonitor:
             self._thread.join()
             self._thread = None
         self._safe_poll()
+        if self.prune and hasattr(self.source, "clear_judged"):
+            for w in self.watched:
+                self.source.clear_judged(w.cell)
 
 
 # ------------------------------------------------------------------------------------------ the sweeper

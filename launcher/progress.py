@@ -27,6 +27,13 @@ metrics so far and ``"pruned": {"epoch", "epochs", "reason", "requested"}``, and
 records the cell PRUNED (:class:`launcher.cellstate.CellState`). A pruned result is never a
 finished result: readers of finished results (``read_result``, the report) leave it out.
 
+``judged.json`` — ``{"epoch": k, "updated": t, "poll_s": p}``: a pruner's monitor has read the cell's
+epochs up to ``k`` and decided (:func:`mark_judged`; it rewrites the file every ``p`` seconds while it
+watches the cell, and removes it when it stops). A cell being watched waits at its epoch boundary for
+the verdict on the epoch it has just finished (:func:`await_judgement`), so a prune request stops it
+before another epoch starts, not one epoch later. Without the file, or with one not rewritten for a
+while (its monitor has gone), the cell does not wait; it never waits longer than a few polls.
+
 Standard library only: the launcher reads these files without torch.
 """
 
@@ -37,12 +44,13 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from launcher.fileio import read_json, write_json_atomic
 
 PROGRESS = "progress.json"
 PRUNE = "prune.json"
+JUDGED = "judged.json"
 VERSION = 1
 
 # The keys of a history row kept in progress.json (those the trial has), in this order.
@@ -103,6 +111,46 @@ def prune_request(cell: str | Path) -> Optional[dict]:
     requested = d.get("requested")
     return {"reason": str(reason) if reason is not None else "no reason given",
             "requested": requested if _number(requested) else None}
+
+
+def await_judgement(cell: str | Path, epoch: int, *, clock: Callable[[], float] = time.time,
+                    sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Wait until a watching monitor has judged ``epoch`` (its ``judged.json`` says ``epoch`` or later) or
+    asked the cell to stop; True then. False at once when no live monitor watches the cell (no
+    ``judged.json``, or one older than :data:`STALE_POLLS` of its polls), and False after waiting that
+    long without a verdict (the monitor stalled: training goes on)."""
+    start = clock()
+    while True:
+        if prune_request(cell) is not None:
+            return True
+        d = read_json(os.path.join(cell, JUDGED))
+        if not d or not _count(d.get("epoch")) or not _number(d.get("updated")) or not _number(d.get("poll_s")):
+            return False
+        patience = STALE_POLLS * max(float(d["poll_s"]), 0.1)
+        now = clock()
+        if d["epoch"] >= epoch:
+            return True
+        if now - float(d["updated"]) > patience or now - start > patience:
+            return False
+        sleep(min(0.2, float(d["poll_s"]) / 4))
+
+
+# A monitor's judged.json not rewritten for this many of its polls is a gone monitor's.
+STALE_POLLS = 3
+
+
+def mark_judged(cell: str | Path, epoch: int, poll_s: float) -> None:
+    """The monitor's side: the cell's epochs up to ``epoch`` are judged (rewritten every poll)."""
+    write_json_atomic(Path(cell) / JUDGED, {"epoch": int(epoch), "updated": time.time(), "poll_s": float(poll_s)},
+                      fsync=False)
+
+
+def clear_judged(cell: str | Path) -> None:
+    """The monitor stops watching the cell: it no longer waits for verdicts."""
+    try:
+        os.unlink(os.path.join(cell, JUDGED))
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------- the reader side

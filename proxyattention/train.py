@@ -167,6 +167,7 @@ def train(cfg: DictConfig | TrialConfig, out_dir: str | Path) -> dict[str, Any]:
         end_epoch(trial, epoch, row)  # log, checkpoint
         trial.epoch_s.append(time.perf_counter() - t0)
         write_progress(trial)
+        progress_file.await_judgement(trial.out, epoch)  # a pruner's verdict on this epoch, when watched
     if (request := progress_file.prune_request(trial.out)) is not None:  # asked after the last epoch
         return write_pruned(trial, request, setup_s, clock)
     metrics = test_and_explain(trial)

@@ -351,6 +351,7 @@ for epoch in range(1, epochs + 1):
     history.append({"epoch": epoch, "val/acc": 0.5 + thr / 10 * epoch / epochs})
     progress.write_progress(cell, epoch=epoch, epochs=epochs, history=history, epoch_s=[1.0] * epoch,
                             started=started)
+    progress.await_judgement(cell, epoch)
 json.dump({"status": "done", "metrics": {"test/acc": 0.5, "val/acc_best": history[-1]["val/acc"],
            "proxy/images": 1}, "history": history, "run": {"epochs": epochs},
            "timing": {"train_s": 0.1, "total_s": 0.2}}, open(os.path.join(cell, "result.json"), "w"))
@@ -369,7 +370,10 @@ def test_a_pruner_stops_trials_between_epochs_and_they_are_pruned_trials(fake):
     for t in study.trials:
         cell = fake.sweep / "cells" / t.user_attrs["cell"]
         assert (cell / "prune.json").is_file() and got[t.user_attrs["cell"]]["state"] == "PRUNED"
-        assert 1 in t.intermediate_values and max(t.intermediate_values) < 4  # stopped before its last epoch
+        # Below the threshold after epoch 1: asked to stop then, and it did, before training epoch 2.
+        assert t.intermediate_values.keys() == {1}
+        assert json.loads((cell / "result.json").read_text())["pruned"]["epoch"] == 1
+        assert not (cell / "judged.json").exists()  # the monitor took its marks away when it stopped
     assert [c["state"] for c in got.values() if c["role"] == "baseline"] == ["DONE"]  # a baseline is never pruned
     assert summary["epochs_not_trained"] > 0 and "pruning saved" in proc.stdout
     again = fake(*args)

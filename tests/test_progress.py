@@ -358,3 +358,81 @@ def test_the_report_lists_a_pruned_cell_and_never_counts_its_partial_result(tmp_
     csv = (sweep / "report" / "results.csv").read_text().splitlines()
     (line,) = [ln for ln in csv if ln.startswith(d.name)]
     assert ",PRUNED," in line and "0.99" not in line
+
+
+class Clock:
+    """time.time and time.sleep for await_judgement: sleeping advances the clock; ``on_sleep`` may act."""
+
+    def __init__(self, on_sleep=None):
+        self.now, self.slept, self.on_sleep = 1000.0, 0.0, on_sleep
+
+    def time(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+        self.slept += s
+        if self.on_sleep:
+            self.on_sleep(self)
+
+
+def _judged(cell, epoch, updated, poll_s=1.0):
+    (cell / progress.JUDGED).write_text(json.dumps({"epoch": epoch, "updated": updated, "poll_s": poll_s}))
+
+
+def test_a_cell_no_monitor_watches_never_waits(tmp_path):
+    clock = Clock()
+    assert progress.await_judgement(tmp_path, 1, clock=clock.time, sleep=clock.sleep) is False
+    _judged(tmp_path, 0, updated=clock.now - 10)  # a gone monitor's mark: older than 3 polls
+    assert progress.await_judgement(tmp_path, 1, clock=clock.time, sleep=clock.sleep) is False
+    (tmp_path / progress.JUDGED).write_text("{not json")
+    assert progress.await_judgement(tmp_path, 1, clock=clock.time, sleep=clock.sleep) is False
+    assert clock.slept == 0
+
+
+def test_a_watched_cell_waits_for_the_verdict_on_its_epoch(tmp_path):
+    def monitor_judges_epoch_2_later(clock):
+        _judged(tmp_path, 1 if clock.slept < 0.5 else 2, updated=clock.now)
+
+    clock = Clock(monitor_judges_epoch_2_later)
+    _judged(tmp_path, 1, updated=clock.now)
+    assert progress.await_judgement(tmp_path, 2, clock=clock.time, sleep=clock.sleep) is True
+    assert 0.5 <= clock.slept < 1.0
+    assert progress.await_judgement(tmp_path, 2, clock=clock.time, sleep=clock.sleep) is True  # judged: no wait
+    assert clock.slept < 1.0
+
+
+def test_a_prune_request_ends_the_wait_and_a_stalled_monitor_is_waited_for_three_polls_at_most(tmp_path):
+    clock = Clock(lambda c: progress.request_prune(tmp_path, "below") if c.slept >= 0.3 else None)
+    _judged(tmp_path, 1, updated=clock.now)
+    assert progress.await_judgement(tmp_path, 2, clock=clock.time, sleep=clock.sleep) is True
+    (tmp_path / progress.PRUNE).unlink()
+    stalled = Clock(lambda c: _judged(tmp_path, 1, updated=c.now))  # rewritten, never judging epoch 2
+    _judged(tmp_path, 1, updated=stalled.now)
+    assert progress.await_judgement(tmp_path, 2, clock=stalled.time, sleep=stalled.sleep) is False
+    assert 3.0 <= stalled.slept <= 3.5
+
+
+def test_the_monitor_marks_its_cells_judged_only_with_a_pruner_and_takes_the_marks_away(tmp_path):
+    import optuna
+
+    from launcher.optuna_sweeper import CellProgress, PruneMonitor, Watched
+
+    cell = tmp_path / "c"
+    cell.mkdir()
+    progress.write_progress(cell, epoch=1, epochs=3, history=[{"epoch": 1, "val/acc": 0.7}], epoch_s=[1.0],
+                            started=0.0)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    without = PruneMonitor(CellProgress(), "val/acc", prune=False, say=lambda line: None)
+    without.watch([Watched(study.ask(), cell)])
+    without.poll()
+    assert not (cell / progress.JUDGED).exists()
+    monitor = PruneMonitor(CellProgress(), "val/acc", prune=True, poll_s=10.0, say=lambda line: None)
+    assert monitor.poll_s == 1.0  # a cell waits for its verdict: polled often
+    monitor.watch([Watched(study.ask(), cell)])
+    monitor.poll()
+    judged = json.loads((cell / progress.JUDGED).read_text())
+    assert judged["epoch"] == 1 and judged["poll_s"] == 1.0
+    assert progress.await_judgement(cell, 1) is True  # epoch 1 is judged: the cell goes on at once
+    monitor.stop()
+    assert not (cell / progress.JUDGED).exists()
