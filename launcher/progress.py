@@ -228,7 +228,7 @@ def summary(progress: Optional[dict], now: Optional[float] = None) -> Optional[d
 
 
 def describe(progress: Optional[dict], now: Optional[float] = None) -> str:
-    """One short line: ``epoch 2/4  val/acc 0.8120  ~1.2m left`` (``training done`` after the last
+    """One short line: ``epoch 2/4  val/acc 0.8120  ~1.2m of training left`` (``training done`` after the last
     epoch; '' without a record)."""
     s = summary(progress, now)
     if s is None:
@@ -239,7 +239,7 @@ def describe(progress: Optional[dict], now: Optional[float] = None) -> str:
     if s["epoch"] == s["epochs"]:
         parts.append("training done")  # testing (and explainability) now
     elif s["eta_s"] is not None:
-        parts.append(f"~{fmt_seconds(s['eta_s'])} left")
+        parts.append(f"~{fmt_seconds(s['eta_s'])} of training left")  # then testing, explainability
     return "  ".join(parts)
 
 

@@ -139,7 +139,7 @@ def test_status_shows_a_running_cells_epoch_accuracy_and_time_left(tmp_path, run
     text = run_module("launcher.status", str(sweep), cwd=tmp_path, check=True).stdout
     row = next(ln for ln in text.splitlines() if ln.startswith("aaaaaaaaaaaa"))
     assert "RUNNING" in row and "epoch 2/5" in row and "val/acc 0.8125" in row
-    left = re.search(r"~(\d+)s left", row)
+    left = re.search(r"~(\d+)s of training left", row)
     assert left and 25 <= int(left.group(1)) <= 33, row  # 11 s × 3 epochs, less the time since epoch 2 ended
     assert "progress" in text.splitlines()[0]
 
@@ -162,7 +162,7 @@ def test_the_console_shows_each_new_epoch_of_a_running_cell_once(tmp_path):
     lines = shown.getvalue().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("RUNNING") and "epoch 2/5" in lines[0] and "val/acc 0.8125" in lines[0]
-    assert re.search(r"~\d+s left", lines[0])
+    assert re.search(r"~\d+s of training left", lines[0])
 
 
 # ------------------------------------------------------------------------------------------ pruning
