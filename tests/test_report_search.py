@@ -257,3 +257,9 @@ def test_the_search_figure_rings_the_best_trial_in_the_studys_direction(tmp_path
     assert len(points.get_offsets()) == 4  # the FAILED trial is not drawn
     expected = [0.4, 0.3] if minimize else [0.1, 0.9]
     assert [float(v) for v in ring.get_offsets()[0]] == pytest.approx(expected)
+
+
+def test_the_accuracy_table_says_the_search_picks_its_best_on_another_metric(search_sweep):
+    section = _section(_report(search_sweep[0]), "## Test accuracy by dataset and model")
+    assert "highest mean final validation accuracy" in section
+    assert "The Search section's best trial is chosen on the study's objective instead (`val/acc_best`)" in section

@@ -909,10 +909,13 @@ def _accuracy_sections(df: pd.DataFrame, labels: dict[str, str], rc: ReportConfi
     if metric not in df.columns:
         return ["", f"_No finished cell has `{metric}` yet._"]
     table, bar_rows = _table_dataset_model(df, metric, rc.level)
-    md = ["", "## Test accuracy by dataset and model", "",
-          "\"all configs\" pools every proxy configuration (Δ averaged per seed first); \"best\" is the "
-          "configuration with the highest mean final validation accuracy (chosen without the test set).", "",
-          table]
+    chosen = ("\"all configs\" pools every proxy configuration (Δ averaged per seed first); \"best\" is the "
+              "configuration with the highest mean final validation accuracy (chosen without the test set).")
+    if search is not None and (search.objectives[:1] != ["val/acc"] or search.gain):
+        chosen += (f" The Search section's best trial is chosen on the study's objective instead "
+                   f"(`{search.objectives[0]}`{', its gain over the baseline' if search.gain else ''}), so the "
+                   "two can differ.")
+    md = ["", "## Test accuracy by dataset and model", "", chosen, "", table]
     searched = search.searched if search is not None else []
     for param in ("proxy.schedule", *HYPERPARAMETERS, *[k for k in searched if k not in HYPERPARAMETERS]):
         if param not in df.columns:
