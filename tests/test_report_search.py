@@ -263,3 +263,27 @@ def test_the_accuracy_table_says_the_search_picks_its_best_on_another_metric(sea
     section = _section(_report(search_sweep[0]), "## Test accuracy by dataset and model")
     assert "highest mean final validation accuracy" in section
     assert "The Search section's best trial is chosen on the study's objective instead (`val/acc_best`)" in section
+
+
+def test_the_learning_curves_show_the_configurations_best_on_final_validation_accuracy(tmp_path, monkeypatch):
+    """As the accuracy table's "best": the mean *final* val/acc, not the peak val/acc_best."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from proxyattention.analysis import figures
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    n = figures.MAX_CURVES + 2
+    rows = []
+    for i in range(n):  # config i: peak 0.9 - i/100 (descending), final 0.5 + i/100 (ascending)
+        history = [{"epoch": 1, "val/acc": 0.9 - i / 100}, {"epoch": 2, "val/acc": 0.5 + i / 100}]
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"history": history}))
+        rows.append({"cell_id": f"c{i}", "config_id": f"k{i}", "role": "proxy", "state": "DONE",
+                     "dataset.name": "digits", "model.name": "m", "proxy.schedule": "1,p,1",
+                     "val/acc": 0.5 + i / 100, "val/acc_best": 0.9 - i / 100, "result_path": str(path)})
+    df = pd.DataFrame(rows)
+    assert figures.figure_curves(df, [("digits", "m")], {}, tmp_path / "c.png") == [("digits", "m")]
+    drawn = {line.get_label().split(" ")[0] for line in kept[0].axes[0].get_lines() if line.get_label()[0] == "k"}
+    assert drawn == {f"k{i}" for i in range(n - figures.MAX_CURVES, n)}  # the highest final val/acc

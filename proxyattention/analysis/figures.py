@@ -19,7 +19,7 @@ from launcher.fileio import read_json
 from proxyattention.schedule import parse_schedule
 
 MAX_PANELS = 12  # dataset/model panels in the learning-curve figure
-MAX_CURVES = 6  # proxy configurations per learning-curve figure (best by validation accuracy)
+MAX_CURVES = 6  # proxy configurations per learning-curve figure (best by final validation accuracy)
 
 
 def _plt() -> Any:
@@ -224,10 +224,12 @@ def _draw_curve(ax: Any, g: pd.DataFrame, hist: dict[str, list[dict]], label: st
     return {e + 0.5 for e in parse_schedule(str(g["proxy.schedule"].iloc[0]), p_trains=p_trains).proxy_after}
 
 
-def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict[str, str]) -> None:
-    """The panel of one dataset/model: its baseline and its MAX_CURVES best proxy configurations."""
+def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict[str, str],
+                  select_on: str = "val/acc") -> None:
+    """The panel of one dataset/model: its baseline and its MAX_CURVES best proxy configurations by the
+    mean of ``select_on`` over their seeds (the report's choice of "best")."""
     proxy = here[here["role"] == "proxy"]
-    best = list(proxy.groupby("config_id")["val/acc_best"].mean().sort_values(ascending=False)
+    best = list(proxy.groupby("config_id")[select_on].mean().sort_values(ascending=False, kind="stable")
                 .index[:MAX_CURVES])
     chosen = list(here.loc[here["role"] == "baseline", "config_id"].unique()) + best
     hist = _histories(here[here["config_id"].isin(chosen)])
@@ -246,19 +248,20 @@ def _curves_panel(ax: Any, here: pd.DataFrame, ds: str, model: str, labels: dict
 
 
 def figure_curves(df: pd.DataFrame, pairs: Sequence[tuple[str, str]], labels: dict[str, str],
-                  path: Path) -> list[tuple[str, str]]:
+                  path: Path, select_on: str = "val/acc") -> list[tuple[str, str]]:
     """Validation accuracy per epoch, one panel per dataset/model: the baseline (black) and the
-    MAX_CURVES proxy configurations with the best validation accuracy, mean over seeds with a ±std
-    band; dotted lines mark proxy steps. Returns the (dataset, model) panels drawn."""
+    MAX_CURVES proxy configurations with the highest mean ``select_on`` (final validation accuracy, as
+    the report's "best"), mean over seeds with a ±std band; dotted lines mark proxy steps. Returns the
+    (dataset, model) panels drawn."""
     done = df[(df["state"] == "DONE")]
-    if done.empty or "val/acc_best" not in done:
+    if done.empty or select_on not in done:
         return []
     pairs = list(pairs)[:MAX_PANELS]
     plt = _plt()
     fig, axes = _panels(plt, len(pairs), width=5.2, height=3.4)
     for ax, (ds, model) in zip(axes, pairs):
         here = done[(done["dataset.name"].astype(str) == ds) & (done["model.name"].astype(str) == model)]
-        _curves_panel(ax, here, ds, model, labels)
+        _curves_panel(ax, here, ds, model, labels, select_on)
     fig.savefig(path)
     plt.close(fig)
     return pairs

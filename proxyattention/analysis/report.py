@@ -491,7 +491,7 @@ def _figures_section(df: pd.DataFrame, labels: dict[str, str], bar_rows: pd.Data
         figs.append((name, f"{metric} against {', '.join(drawn)}"))
     pairs = sorted(set(map(tuple, df.loc[df["state"] == "DONE", ["dataset.name", "model.name"]]
                            .astype(str).values.tolist())))
-    if figure_curves(df, pairs, labels, out / "figures" / "learning_curves.png"):
+    if figure_curves(df, pairs, labels, out / "figures" / "learning_curves.png", SELECT_ON):
         figs.append(("learning_curves.png", "validation accuracy per epoch"))
         if len(pairs) > MAX_PANELS:
             md += ["", f"_Learning curves show the first {MAX_PANELS} of {len(pairs)} dataset/model pairs._"]
