@@ -850,12 +850,12 @@ class _StudyRun:
             except Exception as e:  # a custom search space that raises
                 raise plugin.SweepError(f"hydra.sweeper.custom_search_space: {e}") from None
 
-        def stop() -> bool:
-            failed = sum(st == "FAIL" for st in self.told.values())
-            if failed and failed / max(1, len(self.told)) > self.s.max_failure_rate:
-                print(f"worker {worker_id}: {failed} of its {len(self.told)} trials FAILED, more than "
-                      f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: it asks no more trials",
-                      file=sys.stderr)
+        def stop() -> bool:  # the command's failure rate: every worker of its job array, not this one's alone
+            failed, finished = optuna_worker.command_failures(study, worker_id)
+            if failed and failed / max(1, finished) > self.s.max_failure_rate:
+                print(f"worker {worker_id}: {failed} of the {finished} trials the workers of job "
+                      f"{optuna_worker.array_of(worker_id)} finished FAILED, more than hydra.sweeper."
+                      f"max_failure_rate={self.s.max_failure_rate}: it asks no more trials", file=sys.stderr)
                 return True
             return plugin.EXIT_CODE == 130
 

@@ -26,6 +26,9 @@ At the limit (Slurm's warning signal) the worker stops its cell at its last chec
 RUNNING and is resumed, as the same trial, by another worker still looping or by the workers of a
 re-issued command. Workers are not requeued.
 
+**Failures.** ``hydra.sweeper.max_failure_rate`` counts the trials of every worker of the command (one
+job array): once more than that share of them FAILED, each worker asks no more trials.
+
 **Re-issue.** The sweep folder's ``slurm/workers.json`` lists the worker jobs; a re-issue asks Slurm
 which are still queued or running and submits only ``max(0, N − live)`` workers (fewer when fewer trials
 are left), and none when the study has its ``n_trials`` finished trials.
@@ -157,6 +160,28 @@ class WorkerLoop:
             if self.stop():
                 break
         return self.told
+
+
+def array_of(job_id: str) -> str:
+    """The job array a worker job belongs to (``80`` for ``80_1``): the workers one command submitted."""
+    return str(job_id).split("_", 1)[0]
+
+
+def command_failures(study: Any, worker_id: str) -> tuple[int, int]:
+    """``(failed, finished)``: the FAIL trials, and the finished ones (COMPLETE, PRUNED, FAIL), among the
+    trials the workers of ``worker_id``'s job array ran: ``hydra.sweeper.max_failure_rate`` is the
+    command's, as it is for a local study, not each worker's."""
+    from optuna.trial import TrialState
+
+    array = array_of(worker_id)
+    failed = finished = 0
+    for t in study.get_trials(deepcopy=False):
+        owner = t.user_attrs.get(WORKER_ATTR)
+        if owner is None or array_of(str(owner)) != array or not t.state.is_finished():
+            continue
+        finished += 1
+        failed += t.state == TrialState.FAIL
+    return failed, finished
 
 
 def slurm_alive(job_id: str) -> bool:

@@ -375,3 +375,25 @@ def test_a_study_on_slurm_runs_in_two_workers_and_a_reissue_submits_nothing(slur
     again = subprocess.run(args, cwd=tmp_path, text=True, capture_output=True, timeout=300)
     assert again.returncode == 0 and "no worker to submit" in again.stdout, again.stdout + again.stderr
     assert ow.read_workers(slurm_sweep) == jobs
+
+
+def test_the_failure_rate_counts_every_worker_of_the_command_not_one(tmp_path, capsys):
+    """Two trials of a sibling worker (same job array) FAILED: this worker's first COMPLETE trial makes
+    2 of 3 failed, over max_failure_rate=0.5, so it stops; a failure of another command's array does not
+    count."""
+    from optuna.trial import TrialState
+
+    sweep = tmp_path / "sweep"
+    run = study_run(sweep, StubLauncher(sweep), n_trials=8, threshold="choice(0.6)")
+    run.s.max_failure_rate = 0.5
+    study = run.open()
+    for owner in ("902_1", "902_1", "700_0", "700_0"):
+        t = study.ask()
+        t.set_user_attr(ow.WORKER_ATTR, owner)
+        study.tell(t, state=TrialState.FAIL)
+    assert ow.command_failures(study, "902_0") == (2, 2) and ow.command_failures(study, "700_3") == (2, 2)
+    assert ow.command_failures(study, "903_0") == (0, 0)
+    run.work("902_0")
+    mine = [t for t in osw.load_study(sweep).get_trials() if t.user_attrs.get(ow.WORKER_ATTR) == "902_0"]
+    assert [t.state.name for t in mine] == ["COMPLETE"]  # then 2 of 3 FAILED > 0.5: no more trials
+    assert "2 of the 3 trials the workers of job 902 finished FAILED" in capsys.readouterr().err
