@@ -22,9 +22,12 @@ trials sharing a baseline share its cell (one worker runs it, the other waits fo
 
 **Time limit.** ``hydra.launcher.timeout_min`` is each *worker's* ``--time`` (it runs several cells in
 turn): choose it to cover the cells a worker is expected to run (≈ n_trials / N cells and the baseline).
-At the limit (Slurm's warning signal) the worker stops its cell at its last checkpoint; its trial stays
-RUNNING and is resumed, as the same trial, by another worker still looping or by the workers of a
-re-issued command. Workers are not requeued.
+At the limit (Slurm's warning signal, ``signal_delay_s`` before it) the worker stops its cell at its last
+checkpoint; its trial stays RUNNING. With ``hydra.launcher.requeue`` (the default) the worker job is then
+requeued by submitit, keeping its job id, at most ``max_requeues`` times: it starts again, takes its own
+RUNNING trial back first (the same trial: its cell resumes from its checkpoint) and loops on. Without a
+requeue, or past ``max_requeues``, the trial is resumed by another worker still looping or by the
+workers of a re-issued command.
 
 **Failures.** ``hydra.sweeper.max_failure_rate`` counts the trials of every worker of the command (one
 job array): once more than that share of them FAILED, each worker asks no more trials.
@@ -118,7 +121,9 @@ class WorkerLoop:
                     continue
                 owner = t.user_attrs.get(WORKER_ATTR)
                 overrides = t.user_attrs.get("overrides")
-                if owner is not None and (owner == self.worker_id or self.alive(str(owner))):
+                # A worker runs one trial at a time and asks only between trials: a RUNNING trial of its
+                # own job id is one it left at its time limit, before Slurm requeued it. Take it back.
+                if owner is not None and owner != self.worker_id and self.alive(str(owner)):
                     continue  # its worker runs it
                 if owner is None and self.elsewhere(t):
                     continue  # a launcher on another machine runs its cell (hydra/launcher=local)
@@ -244,9 +249,20 @@ class WorkerJob:
     python: str = ""
     env: dict = field(default_factory=dict)
     stop_grace_s: float = 60.0
+    requeue: bool = True  # at the time-limit warning: stop the cell at its checkpoint, requeue this job
 
     def __post_init__(self) -> None:
         self._child: Optional[subprocess.Popen] = None
+        self._signalled = False
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's checkpointing protocol, called at the time-limit signal: the same worker again
+        (None: not requeued). The running cell has been stopped at its checkpoint by then."""
+        if not self.requeue:
+            return None
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(WorkerJob(**self.__getstate__()), *args, **kwargs)
 
     def __getstate__(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -260,6 +276,7 @@ class WorkerJob:
 
         job_id = slurm_job_id() or f"pid{os.getpid()}"
         env = {**os.environ, **self.env, WORKER_ENV: job_id}
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, self._on_usr2)  # the time-limit warning: stop the cell, keep the trial
         cmd = [self.python or sys.executable, "-m", "launcher", *self.argv]
         print(f"worker {job_id}: {' '.join(cmd)}", flush=True)
@@ -269,14 +286,22 @@ class WorkerJob:
         except BaseException:
             self._stop_child()
             raise
+        if self._signalled and self.requeue and rc != 0:
+            # submitit's handler calls checkpoint(), requeues this job id and exits; or raises
+            # UncompletedJobError past max_requeues (the trial then waits for another worker).
+            print(f"worker {job_id}: requeued; it takes its trial back when it starts again", flush=True)
+            if callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)
         if rc != 0:
             raise RuntimeError(f"worker {job_id} exited {rc} (its log above; python -m launcher.status "
                                f"names its trials' cells)")
         return {"exit_code": rc}
 
     def _on_usr2(self, signum: int, frame: Optional[FrameType]) -> None:
+        self._signalled = True
+        then = "this worker, requeued" if self.requeue else "another worker"
         print(f"caught {signal.Signals(signum).name}: time limit near; stopping the running cell (its trial "
-              "stays RUNNING and resumes in another worker)", flush=True)
+              f"stays RUNNING and resumes in {then})", flush=True)
         if self._child is not None and self._child.poll() is None:
             self._child.send_signal(signal.SIGTERM)
 
@@ -371,16 +396,14 @@ def submit_workers(sweep_dir: Path, opts: Any, n_workers: int, argv: Sequence[st
         folder = sweep_dir / SUBMITIT_DIR
         folder.mkdir(parents=True, exist_ok=True)
         python = opts.python or shlex.quote(sys.executable)
-        executor = SlurmExecutor(folder=folder, max_num_timeout=0, python=python)
+        executor = SlurmExecutor(folder=folder, max_num_timeout=int(opts.max_requeues) if opts.requeue else 0,
+                                 python=python)
     params = sbatch_parameters(opts, parallelism=min(need, int(opts.array_parallelism)))
     params["job_name"] = f"{opts.job_name}-worker"
-    extra = dict(params["additional_parameters"])
-    extra.pop("requeue", None)  # a worker is not requeued: its RUNNING trial is resumed by another worker
-    params["additional_parameters"] = extra
     env = {}
     if cells_hub_offline():
         env["HF_HUB_OFFLINE"] = "1"
-    job = WorkerJob(argv=list(argv), cwd=os.getcwd(), python=opts.python or "", env=env)
+    job = WorkerJob(argv=list(argv), cwd=os.getcwd(), python=opts.python or "", env=env, requeue=bool(opts.requeue))
     try:
         executor.update_parameters(**params)
         with executor.batch():

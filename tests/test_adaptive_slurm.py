@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -88,9 +89,42 @@ def test_n_workers_are_one_array_under_the_cap_with_the_cells_sbatch_options(tmp
     a = fake.arrays[0]
     assert a["array_parallelism"] == 2 and a["time"] == 240  # timeout_min: each worker's --time
     assert a["partition"] == "gpu" and a["gres"] == "gpu:1" and a["job_name"] == "proxyattention-worker"
-    assert "requeue" not in a["additional_parameters"]  # a worker's RUNNING trial is resumed by another
-    assert all(isinstance(t, ow.WorkerJob) and t.argv == ["model=test_resnet"] for t in a["tasks"])
+    assert a["additional_parameters"]["requeue"] is True  # at its time limit a worker is requeued
+    assert all(isinstance(t, ow.WorkerJob) and t.argv == ["model=test_resnet"] and t.requeue for t in a["tasks"])
     assert ow.read_workers(tmp_path / "sweep") == ids
+
+
+def test_requeue_off_submits_workers_slurm_never_requeues(tmp_path, monkeypatch):
+    fake = FakeExecutor()
+    submit(tmp_path, monkeypatch, fake, n_workers=2, requeue=False)
+    (a,) = fake.arrays
+    assert "requeue" not in a["additional_parameters"] and not any(t.requeue for t in a["tasks"])
+    assert all(t.checkpoint() is None for t in a["tasks"])
+
+
+def test_a_worker_requeued_at_its_time_limit_resubmits_itself_and_takes_its_own_trial_back(tmp_path):
+    from submitit.helpers import DelayedSubmission
+
+    job = ow.WorkerJob(argv=["model=test_resnet"], cwd=str(tmp_path), env={"A": "1"}, stop_grace_s=5.0)
+    again = job.checkpoint()
+    assert isinstance(again, DelayedSubmission) and again.function is not job
+    assert again.function.__getstate__() == job.__getstate__()  # the same worker, fresh
+    journal = tmp_path / "optuna.journal"
+    study = journal_study(journal)
+    mine = study.ask()
+    mine.suggest_float("x", 0, 1)
+    mine.set_user_attr("overrides", ["x=0.3"])
+    mine.set_user_attr(ow.WORKER_ATTR, "130_1")  # left RUNNING at the limit; Slurm restarts job 130_1
+    ran = []
+
+    def run(trial, overrides):
+        ran.append((trial.number, overrides))
+        study.tell(trial, 1.0)
+        return "COMPLETE"
+
+    ow.WorkerLoop(study=study, n_trials=1, worker_id="130_1", lock=tmp_path / "lock", new_overrides=lambda t: [],
+                  run=run, alive=lambda w: True, say=lambda s: None).loop()
+    assert ran == [(mine.number, ["x=0.3"])] and study.get_trials()[0].state.name == "COMPLETE"
 
 
 def test_a_reissue_submits_only_the_workers_not_queued_or_running(tmp_path, monkeypatch):
@@ -397,3 +431,38 @@ def test_the_failure_rate_counts_every_worker_of_the_command_not_one(tmp_path, c
     mine = [t for t in osw.load_study(sweep).get_trials() if t.user_attrs.get(ow.WORKER_ATTR) == "902_0"]
     assert [t.state.name for t in mine] == ["COMPLETE"]  # then 2 of 3 FAILED > 0.5: no more trials
     assert "2 of the 3 trials the workers of job 902 finished FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.slurm
+def test_a_worker_at_its_time_limit_is_requeued_and_resumes_its_own_trial(slurm_sweep, tmp_path):
+    """1-minute limit, the warning 20 s before it, a cell of 190 epochs (minutes on one core): the worker
+    stops its cell at a checkpoint, Slurm requeues the same job id, and the restarted worker takes the
+    same trial back, its cell resuming from the epoch reached."""
+    from waiting import wait_for
+
+    args = [sys.executable, "-m", "launcher", *SAVED, "dataset=digits", "model=test_resnet", "explain.enabled=false",
+            "hydra/launcher=slurm", "hydra.sweeper.n_trials=1", "hydra.launcher.workers=1",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.heartbeat_s=2", "hydra.launcher.timeout_min=1",
+            "hydra.launcher.signal_delay_s=20", "hydra.launcher.max_requeues=10", "proxy.schedule=190",
+            f"hydra.sweep.dir={slurm_sweep}"]
+    proc = subprocess.run(args, cwd=tmp_path, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (job,) = ow.read_workers(slurm_sweep)
+
+    def resumed_cell() -> Optional[Path]:
+        study = osw.load_study(slurm_sweep)
+        cell = study.get_trials()[0].user_attrs.get("cell") if study.get_trials() else None
+        log = slurm_sweep / "cells" / str(cell) / "stderr.log"
+        return log if cell and log.exists() and "resuming from" in log.read_text() else None
+
+    log = wait_for(resumed_cell, 240, "the requeued worker to resume its trial's cell", step=2.0)
+    text = log.read_text()
+    assert text.count("===== attempt") == 2  # stopped once, at the limit, then resumed
+    assert int(text.split("resuming from", 1)[1].split("after epoch", 1)[1].split()[0]) >= 1
+    worker_log = "".join(f.read_text() for f in (slurm_sweep / "slurm").glob("*_log.out"))
+    assert "Requeued job" in worker_log and f"worker {job}: resuming trial 0" in worker_log, worker_log[-3000:]
+    study = osw.load_study(slurm_sweep)
+    assert len(study.get_trials()) == 1 and study.get_trials()[0].user_attrs[ow.WORKER_ATTR] == job
+    restarts = subprocess.run(["scontrol", "show", "job", job.split("_")[0]], capture_output=True, text=True).stdout
+    assert "Restarts=0" not in restarts, restarts  # Slurm requeued the same job id
+    assert ow.read_workers(slurm_sweep) == [job]  # nothing submitted anew
