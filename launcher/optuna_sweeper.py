@@ -61,6 +61,7 @@ import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
@@ -401,11 +402,15 @@ class Watched:
     baseline: Optional[Path] = None
     reported: set = field(default_factory=set)  # epochs already reported
     pruned_at: Optional[int] = None  # the epoch after which it was asked to stop
+    judged: Optional[int] = None  # the epoch its judged.json says, and when it was written (monotonic s)
+    judged_at: float = 0.0
 
 
 # With a pruner the monitor reads the cells' progress at least this often (s): a watched cell waits for
-# its verdict at every epoch boundary, on average half of this.
-JUDGE_POLL_S = 1.0
+# its verdict at every epoch boundary, on average half of this. Its judged.json is rewritten when the
+# epoch judged changes and at least every JUDGE_REFRESH_S (a cell stops waiting on a mark 3 of these old).
+JUDGE_POLL_S = 0.25
+JUDGE_REFRESH_S = 1.0
 
 
 class PruneMonitor:
@@ -469,7 +474,10 @@ class PruneMonitor:
             if self.prune and w.pruned_at is None and hasattr(self.source, "mark_judged"):
                 # Judged up to the cell's own last epoch, even one whose gain waits for its baseline:
                 # the cell never waits on another cell, only on this poll.
-                self.source.mark_judged(w.cell, last, self.poll_s)
+                now = time.monotonic()
+                if last != w.judged or now - w.judged_at >= JUDGE_REFRESH_S:
+                    self.source.mark_judged(w.cell, last, JUDGE_REFRESH_S)
+                    w.judged, w.judged_at = last, now
 
     def _safe_poll(self) -> None:
         try:

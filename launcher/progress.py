@@ -28,8 +28,8 @@ records the cell PRUNED (:class:`launcher.cellstate.CellState`). A pruned result
 finished result: readers of finished results (``read_result``, the report) leave it out.
 
 ``judged.json`` — ``{"epoch": k, "updated": t, "poll_s": p}``: a pruner's monitor has read the cell's
-epochs up to ``k`` and decided (:func:`mark_judged`; it rewrites the file every ``p`` seconds while it
-watches the cell, and removes it when it stops). A cell being watched waits at its epoch boundary for
+epochs up to ``k`` and decided (:func:`mark_judged`; it rewrites the file when ``k`` changes and at least
+every ``p`` seconds while it watches the cell, and removes it when it stops). A cell being watched waits at its epoch boundary for
 the verdict on the epoch it has just finished (:func:`await_judgement`), so a prune request stops it
 before another epoch starts, not one epoch later. Without the file, or with one not rewritten for a
 while (its monitor has gone), the cell does not wait; it never waits longer than a few polls.
@@ -132,7 +132,7 @@ def await_judgement(cell: str | Path, epoch: int, *, clock: Callable[[], float] 
             return True
         if now - float(d["updated"]) > patience or now - start > patience:
             return False
-        sleep(min(0.2, float(d["poll_s"]) / 4))
+        sleep(min(0.05, float(d["poll_s"]) / 4))
 
 
 # A monitor's judged.json not rewritten for this many of its polls is a gone monitor's.

@@ -428,7 +428,7 @@ def test_the_monitor_marks_its_cells_judged_only_with_a_pruner_and_takes_the_mar
     without.poll()
     assert not (cell / progress.JUDGED).exists()
     monitor = PruneMonitor(CellProgress(), "val/acc", prune=True, poll_s=10.0, say=lambda line: None)
-    assert monitor.poll_s == 1.0  # a cell waits for its verdict: polled often
+    assert monitor.poll_s == 0.25  # a cell waits for its verdict: polled often
     monitor.watch([Watched(study.ask(), cell)])
     monitor.poll()
     judged = json.loads((cell / progress.JUDGED).read_text())
