@@ -35,6 +35,9 @@ class App:
     default_objective = "return_value"  # what a job returns to an adaptive sweeper when hydra.launcher.objective is null
     # The summary's and status's result column: (header, metric of result.json, format).
     column: tuple[str, str, str] = ("return", "return_value", "{:.6g}")
+    # Its Slurm jobs read pretrained weights from the hub cache only (HF_HUB_OFFLINE=1, unless the submitting
+    # environment set it: launcher.slurm.cells_hub_offline). False: they run in the submitting environment.
+    hub_offline = False
 
     def accepts(self, config: Any) -> bool:
         """Whether this app launches the sweep of ``config`` (the composed config of the command)."""
@@ -94,14 +97,6 @@ def for_config(config: Any) -> Optional[App]:
         if app.accepts(config):
             return app
     return None
-
-
-def by_name(name: Optional[str]) -> App:
-    """The installed app called ``name`` (as a sweep's plan file records it), else :class:`App`."""
-    for app in installed():
-        if app.name == name:
-            return app
-    return App()
 
 
 def for_records(records: Sequence[Any]) -> App:

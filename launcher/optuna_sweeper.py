@@ -355,11 +355,16 @@ def study_record(study: Any, kind: str, where: str, n_trials: int, objective: Se
 # ------------------------------------------------------------------------------------------ progress, pruning
 
 class ProgressSource(Protocol):
-    """Where the monitor reads a running cell's per-epoch metrics, and how it asks a cell to stop."""
+    """Where the monitor reads a running cell's per-epoch metrics, how it asks a cell to stop, and how it
+    tells a watched cell which epochs it has judged (:func:`launcher.progress.await_judgement`)."""
 
     def metric_by_epoch(self, cell: Path, name: str) -> Dict[int, float]: ...
 
     def request_prune(self, cell: Path, reason: str) -> None: ...
+
+    def mark_judged(self, cell: Path, epoch: int, poll_s: float) -> None: ...
+
+    def clear_judged(self, cell: Path) -> None: ...
 
 
 class CellProgress:
@@ -443,23 +448,29 @@ class PruneMonitor:
         """The epoch after which this trial was asked to stop (None: it was not)."""
         return next((w.pruned_at for w in self.watched if w.trial.number == trial_number), None)
 
-    def values(self, w: Watched) -> Dict[int, float]:
-        return self._values(w)[1]
-
-    def _values(self, w: Watched) -> tuple[int, Dict[int, float]]:
+    def values(self, w: Watched, read: Optional[Callable[[Path], Dict[int, float]]] = None
+               ) -> tuple[int, Dict[int, float]]:
         """The cell's last epoch with a value, and the values to report (the gains, with a baseline)."""
-        mine = self.source.metric_by_epoch(w.cell, self.metric)
+        read = read or (lambda cell: self.source.metric_by_epoch(cell, self.metric))
+        mine = read(w.cell)
         last = max(mine, default=0)
         if w.baseline is None:
             return last, mine
-        base = self.source.metric_by_epoch(w.baseline, self.metric)
+        base = read(w.baseline)
         return last, {e: v - base[e] for e, v in mine.items() if e in base}
 
     def poll(self) -> None:
         with self._lock:
             watched = list(self.watched)
+        seen: Dict[Path, Dict[int, float]] = {}  # one read per cell per pass: trials share their baseline
+
+        def read(cell: Path) -> Dict[int, float]:
+            if cell not in seen:
+                seen[cell] = self.source.metric_by_epoch(cell, self.metric)
+            return seen[cell]
+
         for w in watched:
-            last, values = self._values(w)
+            last, values = self.values(w, read)
             new = sorted(e for e in values if e not in w.reported)
             for e in new:
                 w.trial.report(values[e], step=e)
@@ -471,7 +482,7 @@ class PruneMonitor:
                 w.pruned_at = e
                 self.say(f"trial {w.trial.number}: pruning its cell {w.cell.name} after epoch {e} "
                          f"({self.metric} {values[e]:.4f})")
-            if self.prune and w.pruned_at is None and hasattr(self.source, "mark_judged"):
+            if self.prune and w.pruned_at is None:
                 # Judged up to the cell's own last epoch, even one whose gain waits for its baseline:
                 # the cell never waits on another cell, only on this poll.
                 now = time.monotonic()
@@ -502,7 +513,7 @@ class PruneMonitor:
             self._thread.join()
             self._thread = None
         self._safe_poll()
-        if self.prune and hasattr(self.source, "clear_judged"):
+        if self.prune:
             for w in self.watched:
                 self.source.clear_judged(w.cell)
 
@@ -622,16 +633,16 @@ class OptunaSweeper(Sweeper):
         launcher.check_options()  # a backend that cannot return results refuses before anything is written
         lcfg = self.config.hydra.launcher
         app = apps.for_config(self.config)
-        names = objective.names(lcfg.get("objective"), app.default_objective if app else objective.RETURN_VALUE)
-        gain = bool(lcfg.get("objective_vs_baseline", False))
+        gain = bool(lcfg.get("objective_vs_baseline", False)) and app is not None
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:
             directions = self.directions()
-            if apps.for_config(self.config) is None:  # any app's job: the objective is what it returns
+            if app is None:  # any app's job: the objective is what it returns
                 names = ["return"] if len(directions) == 1 else [f"return[{i}]" for i in range(len(directions))]
-                gain = False
+            else:
+                names = objective.names(lcfg.get("objective"), app.default_objective)
             if len(names) != len(directions):
                 raise ValueError(f"hydra.launcher.objective={names} has {len(names)} metric(s) for "
                                  f"{len(directions)} direction(s) {directions}: give one metric per direction")
@@ -797,7 +808,7 @@ class _StudyRun:
         """Create or open the study, submit the worker jobs it still needs, print them, return."""
         import optuna
 
-        from launcher import optuna_worker, plugin
+        from launcher import apps, optuna_worker, plugin
         from launcher.slurm import SlurmOptions, SubmissionError
 
         assert self.s.config is not None
@@ -831,8 +842,9 @@ class _StudyRun:
         trials = study.get_trials(deepcopy=False)
         finished = sum(t.state.is_finished() for t in trials)
         try:
+            app = apps.for_config(self.s.config)
             ids = optuna_worker.submit_workers(self.sweep_dir, opts, self.n_jobs, argv, finished=finished,
-                                               n_trials=self.s.n_trials)
+                                               n_trials=self.s.n_trials, hub_offline=app is not None and app.hub_offline)
         except SubmissionError as e:
             if new:
                 _remove_study(Path(self.where), self.sweep_dir / STUDY_FILE, made)

@@ -258,11 +258,9 @@ class WorkerJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's checkpointing protocol, called at the time-limit signal: the same worker again
         (None: not requeued). The running cell has been stopped at its checkpoint by then."""
-        if not self.requeue:
-            return None
-        from submitit.helpers import DelayedSubmission
+        from launcher.slurm_job import resubmission
 
-        return DelayedSubmission(WorkerJob(**self.__getstate__()), *args, **kwargs)
+        return resubmission(self, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -272,7 +270,7 @@ class WorkerJob:
         self.__post_init__()
 
     def __call__(self) -> dict:
-        from launcher.slurm_job import slurm_job_id
+        from launcher.slurm_job import ignore_usr2, requeue_through_submitit, slurm_job_id
 
         job_id = slurm_job_id() or f"pid{os.getpid()}"
         env = {**os.environ, **self.env, WORKER_ENV: job_id}
@@ -280,18 +278,15 @@ class WorkerJob:
         signal.signal(signal.SIGUSR2, self._on_usr2)  # the time-limit warning: stop the cell, keep the trial
         cmd = [self.python or sys.executable, "-m", "launcher", *self.argv]
         print(f"worker {job_id}: {' '.join(cmd)}", flush=True)
-        self._child = subprocess.Popen(cmd, cwd=self.cwd, env=env, preexec_fn=_ignore_usr2)
+        self._child = subprocess.Popen(cmd, cwd=self.cwd, env=env, preexec_fn=ignore_usr2)
         try:
             rc = self._child.wait()
         except BaseException:
             self._stop_child()
             raise
-        if self._signalled and self.requeue and rc != 0:
-            # submitit's handler calls checkpoint(), requeues this job id and exits; or raises
-            # UncompletedJobError past max_requeues (the trial then waits for another worker).
+        if self._signalled and self.requeue and rc != 0:  # past max_requeues the trial waits for another worker
             print(f"worker {job_id}: requeued; it takes its trial back when it starts again", flush=True)
-            if callable(submitit_handler):
-                submitit_handler(signal.SIGUSR2, None)
+            requeue_through_submitit(submitit_handler)
         if rc != 0:
             raise RuntimeError(f"worker {job_id} exited {rc} (its log above; python -m launcher.status "
                                f"names its trials' cells)")
@@ -315,10 +310,6 @@ class WorkerJob:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-
-
-def _ignore_usr2() -> None:
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 # The launcher keys a worker's local backend takes from the Slurm launcher's (the rest are Slurm's).
@@ -367,7 +358,7 @@ def _value(v: Any) -> str:
 
 def submit_workers(sweep_dir: Path, opts: Any, n_workers: int, argv: Sequence[str], *, finished: int,
                    n_trials: int, say: Callable[[str], None] = print,
-                   executor: Optional[Any] = None) -> List[str]:
+                   executor: Optional[Any] = None, hub_offline: bool = True) -> List[str]:
     """Submit the workers the study still needs (see the module docstring); return their job ids."""
     import shlex
 
@@ -396,12 +387,11 @@ def submit_workers(sweep_dir: Path, opts: Any, n_workers: int, argv: Sequence[st
         folder = sweep_dir / SUBMITIT_DIR
         folder.mkdir(parents=True, exist_ok=True)
         python = opts.python or shlex.quote(sys.executable)
-        executor = SlurmExecutor(folder=folder, max_num_timeout=int(opts.max_requeues) if opts.requeue else 0,
-                                 python=python)
+        executor = SlurmExecutor(folder=folder, max_num_timeout=int(opts.max_requeues), python=python)
     params = sbatch_parameters(opts, parallelism=min(need, int(opts.array_parallelism)))
     params["job_name"] = f"{opts.job_name}-worker"
     env = {}
-    if cells_hub_offline():
+    if hub_offline and cells_hub_offline():  # the app's App.hub_offline
         env["HF_HUB_OFFLINE"] = "1"
     job = WorkerJob(argv=list(argv), cwd=os.getcwd(), python=opts.python or "", env=env, requeue=bool(opts.requeue))
     try:

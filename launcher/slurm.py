@@ -444,9 +444,7 @@ class SlurmSubmitter:
         from launcher.slurm_job import CellJob
 
         ex = self._executor()
-        # The trials' cells read pretrained weights from the cache only; any other app's jobs run in the
-        # submitting environment as it is (HF_HUB_OFFLINE there, if set, reaches them as well).
-        hub_offline = cells_hub_offline() if type(self.app) is not apps.App else False
+        hub_offline = self.app.hub_offline and cells_hub_offline()  # App.hub_offline
         starts: dict[str, CellStatus] = {}  # the status each cell's PENDING record is written over
         for cid in claims:  # under the claims, before any job can start: as the local backend does
             status = cellstate.read_status(self.dir(cid))

@@ -66,10 +66,28 @@ def slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def _ignore_usr2() -> None:
-    # Runs in the cell process before exec: an ignored signal stays ignored across exec, so Slurm's
+def ignore_usr2() -> None:
+    # Runs in the child process before exec: an ignored signal stays ignored across exec, so Slurm's
     # warning signal (sent to every process of the job step) does not kill the trial.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def resubmission(job: Any, *args: Any, **kwargs: Any) -> Any:
+    """submitit's checkpointing protocol for a job with a ``requeue`` setting: the same job again, fresh
+    (None: not requeued)."""
+    if not job.requeue:
+        return None
+    from submitit.helpers import DelayedSubmission
+
+    return DelayedSubmission(type(job)(**job.__getstate__()), *args, **kwargs)
+
+
+def requeue_through_submitit(handler: Any) -> None:
+    """Hand the time-limit signal to submitit's own handler, saved before ours replaced it: it calls the
+    job's ``checkpoint()``, runs ``scontrol requeue`` and exits; or raises UncompletedJobError when the job
+    timed out too often. Returns only when there is no such handler."""
+    if callable(handler):
+        handler(signal.SIGUSR2, None)
 
 
 @dataclass
@@ -110,11 +128,7 @@ class CellJob:
         The cell has already been stopped and its checkpoint is on disk (see :meth:`_interrupted`);
         returning None tells submitit not to requeue.
         """
-        if not self.requeue:
-            return None
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(CellJob(**self.__getstate__()), *args, **kwargs)
+        return resubmission(self, *args, **kwargs)
 
     # -- the job ----------------------------------------------------------------------------------
 
@@ -200,7 +214,7 @@ class CellJob:
         if self.hub_offline:
             env[HUB_OFFLINE_ENV] = "1"
         proc = CellProcess(cell, module=self.cell_module, python=self.python, env=env,
-                           note=f"slurm job {status.job_id}", preexec_fn=_ignore_usr2)
+                           note=f"slurm job {status.job_id}", preexec_fn=ignore_usr2)
         self._child = proc.start(status.attempts, status.host)
         status = dataclasses.replace(status, pid=self._child.pid)
         cellstate.write_status(cell, status)
@@ -239,10 +253,7 @@ class CellJob:
 
     @staticmethod
     def _requeue_through_submitit(handler: Any) -> None:
-        # submitit's handler calls self.checkpoint(), dumps the new submission, runs `scontrol requeue`
-        # and exits; or raises UncompletedJobError when the job timed out too often.
-        if callable(handler):
-            handler(signal.SIGUSR2, None)
+        requeue_through_submitit(handler)  # exits (requeued) or raises
         raise CellFailedError("time limit or preemption, and no submitit handler to requeue the job")
 
     def _final_for_exception(self, cell: Path, status: CellStatus, e: BaseException,

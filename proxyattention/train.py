@@ -195,8 +195,7 @@ def memory_advice(trial: Trial, phase: str, epoch: Optional[int]) -> Iterator[No
 
 def memory_advice_line(trial: Trial, phase: str, epoch: Optional[int]) -> str:
     key = PHASE_BATCH_KEYS[phase]
-    group, name = key.split(".")
-    size = trial.batch_size if key == "train.batch_size" else int(getattr(getattr(trial.cfg, group), name))
+    size = trial.batch_size if key == "train.batch_size" else int(OmegaConf.select(trial.cfg, key))
     memory = "GPU memory" if trial.device.type == "cuda" else "memory"
     at = f"epoch {epoch}" if epoch is not None else "after training"
     fix = f"{key}={max(1, size // 2)}"

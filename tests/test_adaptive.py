@@ -288,12 +288,19 @@ class FakeProgress:
     def __init__(self, values: dict) -> None:
         self.values = values  # {cell: {epoch: value}}
         self.requests: list = []
+        self.judged: dict = {}  # cell -> the epoch the monitor marked judged
 
     def metric_by_epoch(self, cell, name):
         return dict(self.values.get(cell, {}))
 
     def request_prune(self, cell, reason):
         self.requests.append((cell, reason))
+
+    def mark_judged(self, cell, epoch, poll_s):
+        self.judged[cell] = epoch
+
+    def clear_judged(self, cell):
+        self.judged.pop(cell, None)
 
 
 def test_the_monitor_reports_each_epoch_and_asks_the_pruner():
@@ -305,6 +312,7 @@ def test_the_monitor_reports_each_epoch_and_asks_the_pruner():
     monitor.watch([osw.Watched(good, cells_["good"]), osw.Watched(bad, cells_["bad"])])
     monitor.poll()
     assert source.requests == [] and monitor.pruned(bad.number) is None
+    assert source.judged == {cells_["good"]: 1, cells_["bad"]: 1}  # each cell's epochs so far, judged
     source.values[cells_["bad"]][2] = 0.4  # below the threshold after epoch 2
     source.values[cells_["good"]][2] = 0.8
     monitor.poll()

@@ -310,12 +310,19 @@ class EpochProgress:
 
     def __init__(self) -> None:
         self.requests: list[Path] = []
+        self.judged: dict = {}
 
     def metric_by_epoch(self, cell, name):
         return {1: 0.5, 2: 0.5}
 
     def request_prune(self, cell, reason):
         self.requests.append(Path(cell))
+
+    def mark_judged(self, cell, epoch, poll_s):
+        self.judged[cell] = epoch
+
+    def clear_judged(self, cell):
+        self.judged.pop(cell, None)
 
 
 def study_run(sweep: Path, launcher, n_trials: int, pruner=None, threshold: str = "choice(0.3,0.6)"):

@@ -35,6 +35,7 @@ class TrialApp(App):
     column = ("test/acc", "test/acc", "{:.4f}")
     summary_metrics = ("test/acc", "val/acc_best", "proxy/images")
     default_objective = DEFAULT_OBJECTIVE
+    hub_offline = True  # a trial's pretrained weights come from the cache on compute nodes (docs/cluster.md)
 
     one_job_hint = "to run one trial in this process: python -m proxyattention.train KEY=VALUE ..."
     hydra_launchers_hint = ("to run trials with one of Hydra's own launchers use python -m proxyattention.train -m "
